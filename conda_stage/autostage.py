@@ -1,0 +1,115 @@
+"""Enable or disable automatic staging of an environment.
+
+Enabling puts two hook scripts into the ORIGINAL environment (conda sources
+``activate.d``/``deactivate.d`` scripts in sorted order on activation and in
+reverse order on deactivation, hence the ``zzz``/``000`` names), records the
+``conda-stage`` executable and options in ``etc/conda-stage/auto-stage.conf``,
+and packs the environment once.  Disabling removes all of it, tarball
+included.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from importlib import resources
+from pathlib import Path
+
+from . import output
+from .errors import StageError
+from .locking import file_lock
+from .pack import pack
+from .resolve import Env
+from .stage import ACTIVATE_HOOK, DEACTIVATE_HOOK
+from .store import is_staged_copy
+from .tarball import Tarball, atomic_write
+
+CONF = "etc/conda-stage/auto-stage.conf"
+_HOOK_SOURCES = {ACTIVATE_HOOK: "activate-hook.sh", DEACTIVATE_HOOK: "deactivate-hook.sh"}
+
+
+def is_enabled(prefix: Path) -> bool:
+    return (Path(prefix) / ACTIVATE_HOOK).is_file()
+
+
+def read_conf(prefix: Path) -> dict[str, str]:
+    conf: dict[str, str] = {}
+    try:
+        text = (Path(prefix) / CONF).read_text()
+    except OSError:
+        return conf
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            conf[key.strip()] = value.strip()
+    return conf
+
+
+def _executable() -> str:
+    argv0 = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if os.path.basename(argv0) == "conda-stage" and os.access(argv0, os.X_OK):
+        return argv0
+    return shutil.which("conda-stage") or ""
+
+
+def _check_allowed(env: Env, environ) -> None:
+    if is_staged_copy(env.prefix):
+        raise StageError("Cannot configure auto-staging of a staged environment; "
+                         "call 'conda deactivate' and name the original environment")
+    is_base = (env.prefix / "condabin").is_dir() or env.name == "base"
+    if is_base and environ.get("CONDA_STAGE_ALLOW_BASE", "").lower() != "true":
+        raise StageError("The 'base' Conda environment should not be staged; "
+                         "set CONDA_STAGE_ALLOW_BASE=true to do it anyway")
+
+
+def enable(env: Env, *, quiet: bool = False, writable: bool = False,
+           fmt: str | None = None, environ=None) -> None:
+    environ = os.environ if environ is None else environ
+    _check_allowed(env, environ)
+    output.info("Configuring automatic staging and unstaging of original Conda environment  ...")
+    if not os.access(env.prefix, os.W_OK):
+        raise StageError(f"Cannot write to {env.prefix}; auto-staging must be enabled by its owner")
+    for target, source in _HOOK_SOURCES.items():
+        data = resources.files("conda_stage").joinpath("shell", source).read_bytes()
+        path = env.prefix / target
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, data)
+    conf = env.prefix / CONF
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"exe={_executable()}", f"quiet={int(quiet)}", f"writable={int(writable)}"]
+    atomic_write(conf, ("\n".join(lines) + "\n").encode())
+    pack(env, fmt=fmt)
+    output.info("Enabled auto-staging")
+    output.info("Enabled auto-unstaging")
+
+
+def disable(env: Env, *, environ=None) -> None:
+    output.info("Configuring automatic staging and unstaging of original Conda environment  ...")
+    if is_staged_copy(env.prefix):
+        raise StageError("Cannot configure auto-staging of a staged environment; "
+                         "call 'conda deactivate' and name the original environment")
+    tarball = Tarball.for_env(env)
+    with file_lock(tarball.lock_path, waiting=f"Waiting for another process packing {env.prefix} ..."):
+        described = {p: output.describe_file(p) for p in [tarball.path] if p.exists()}
+        for path in tarball.remove():
+            output.info(f"Removed 'conda-pack' tarball {described.get(path, path)}")
+        try:
+            tarball.lock_path.unlink()
+        except OSError:
+            pass
+    for rel in (ACTIVATE_HOOK, CONF):
+        _unlink(env.prefix / rel)
+    output.info("Disabled auto-staging")
+    _unlink(env.prefix / DEACTIVATE_HOOK)
+    try:
+        (env.prefix / CONF).parent.rmdir()
+    except OSError:
+        pass
+    output.info("Disabled auto-unstaging")
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

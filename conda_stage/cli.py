@@ -1,0 +1,196 @@
+"""The ``conda-stage`` command line (also reached as ``conda stage``).
+
+A thin layer: it parses options, resolves the environment and calls the
+module that does the work.  Messages go to stderr; stdout carries only
+results (the staged path, the status report).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from plumbum import cli
+from plumbum.cli.application import (ShowCompletion, ShowHelp, ShowHelpAll,
+                                     ShowVersion, SwitchError)
+
+from . import __version__, output
+from .errors import StageError, UsageError
+from .formats import FORMATS
+from .resolve import resolve
+
+_ACTIONS = ("--auto-stage", "--pack", "--stage", "--unstage")
+
+
+class _App(cli.Application):
+    """Report usage errors as one ``ERROR:`` line instead of plumbum's
+    message plus the whole help text."""
+
+    def _parse_args(self, argv):
+        try:
+            return super()._parse_args(argv)
+        except (ShowHelp, ShowHelpAll, ShowVersion, ShowCompletion):
+            raise
+        except SwitchError as exc:
+            raise UsageError(f"{exc} (see 'conda-stage --help')") from None
+
+    def _validate_args(self, swfuncs, tailargs):
+        try:
+            return super()._validate_args(swfuncs, tailargs)
+        except (ShowHelp, ShowHelpAll, ShowVersion, ShowCompletion):
+            raise
+        except SwitchError as exc:
+            raise UsageError(f"{exc} (see 'conda-stage --help')") from None
+
+
+class CondaStage(_App):
+    """Stage Conda environments onto local disk, so that Python and friends
+    start from fast local storage instead of a slow shared filesystem.
+
+    Enable once with --auto-stage=enable NAME; from then on 'conda activate
+    NAME' stages the environment (from a tarball packed next to it, rebuilt
+    when the environment changes) and 'conda deactivate' removes the copy.
+    Skip staging for one activation with: CONDA_STAGE=false conda activate NAME
+
+    ENV is an environment name or path (default: the active environment).
+    """
+
+    PROGNAME = "conda-stage"
+    VERSION = __version__
+    USAGE = ("    conda-stage --auto-stage=enable|disable [ENV]\n"
+             "    conda-stage --pack [--force] [--format tar.zst|tar.gz] [ENV]\n"
+             "    conda-stage --stage [--writable] [--path DIR] [ENV]\n"
+             "    conda-stage --unstage [STAGED_PREFIX]\n"
+             "    conda-stage status [ENV]\n"
+             "    conda-stage gc [--dry-run]\n")
+
+    auto_stage = cli.SwitchAttr(
+        "--auto-stage", cli.Set("enable", "disable"), group="Actions",
+        help="Enable: install activate/deactivate hooks in the environment and pack it "
+             "once. Disable: remove the hooks and the tarball")
+    do_pack = cli.Flag("--pack", group="Actions",
+                       help="Pack the environment into its tarball (if it is not fresh)")
+    do_stage = cli.Flag("--stage", group="Actions",
+                        help="Stage the environment to local disk and print the staged path")
+    do_unstage = cli.Flag("--unstage", group="Actions",
+                          help="Remove a staged copy (default: the active one)")
+
+    force = cli.Flag("--force", help="With --pack: repack even if the tarball is fresh")
+    fmt = cli.SwitchAttr("--format", cli.Set(*FORMATS), default=None,
+                         help="Archive format for packing (default tar.zst)")
+    writable = cli.Flag("--writable", help="Leave the staged copy writable "
+                        "(default: read-only; changes are lost when unstaged anyway)")
+    path = cli.SwitchAttr("--path", str, default=None, argname="DIR",
+                          help="With --stage: stage into exactly DIR, which must not exist "
+                               "(default: a new conda-stage-XXXXXXXX folder in $TMPDIR)")
+    ignore_missing = cli.Flag("--ignore-missing-files",
+                              help="Pack even if files conda installed were deleted")
+    owner_pid = cli.SwitchAttr("--owner-pid", int, default=None, argname="PID",
+                               help="With --stage: the shell that owns the copy "
+                                    "('conda-stage gc' removes it once that shell is gone)")
+    quiet = cli.Flag(["-q", "--quiet"], help="Only warnings and errors")
+    debug = cli.Flag("--debug", help="Print debug messages")
+
+    def main(self, env=None):
+        output.configure(quiet=self.quiet, debug=self.debug)
+        if self.nested_command:
+            return 0
+        chosen = [name for name, on in zip(_ACTIONS, (self.auto_stage, self.do_pack,
+                                                       self.do_stage, self.do_unstage)) if on]
+        if not chosen:
+            if env is None:
+                self.help()
+                return 0
+            raise UsageError("No action given: use one of --auto-stage, --pack, --stage, "
+                             "--unstage (see 'conda-stage --help')")
+        if len(chosen) > 1:
+            raise UsageError(f"Choose one action, not {' and '.join(chosen)}")
+        if self.auto_stage:
+            return self._auto_stage(env)
+        if self.do_pack:
+            from .pack import pack
+
+            pack(resolve(env), fmt=self.fmt, force=self.force,
+                 ignore_missing_files=self.ignore_missing)
+            return 0
+        if self.do_stage:
+            return self._stage(env)
+        return self._unstage(env)
+
+    def _auto_stage(self, env):
+        from . import autostage
+
+        target = resolve(env)
+        if self.auto_stage == "enable":
+            autostage.enable(target, quiet=self.quiet, writable=self.writable, fmt=self.fmt)
+        else:
+            autostage.disable(target)
+        return 0
+
+    def _stage(self, env):
+        from .autostage import read_conf
+        from .stage import stage
+
+        target = resolve(env)
+        conf = read_conf(target.prefix)
+        if conf.get("quiet") == "1":
+            output.configure(quiet=True)
+        staged = stage(target, path=self.path, owner_pid=self.owner_pid,
+                       writable=self.writable or conf.get("writable") == "1")
+        print(staged)
+        return 0
+
+    def _unstage(self, env):
+        from .stage import unstage
+
+        prefix = env or os.environ.get("CONDA_PREFIX")
+        if not prefix:
+            raise StageError("Does not look like a staged environment: CONDA_PREFIX is not set")
+        unstage(prefix)
+        return 0
+
+
+@CondaStage.subcommand("status")
+class Status(_App):
+    """Show whether auto-staging is enabled, the tarball (size, age, fresh or
+    stale) and the staged copies of an environment."""
+
+    def main(self, env=None):
+        from .status import status_lines
+
+        for line in status_lines(resolve(env)):
+            print(line)
+        return 0
+
+
+@CondaStage.subcommand("gc")
+class Gc(_App):
+    """Remove staged copies (in $TMPDIR or /tmp) whose shell has exited without
+    'conda deactivate'."""
+
+    dry_run = cli.Flag("--dry-run", help="Only list what would be removed")
+
+    def main(self):
+        from .gc import collect
+        from .store import staging_base
+
+        collect(staging_base(), dry_run=self.dry_run)
+        return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    argv[0] = "conda-stage"
+    output.configure()
+    try:
+        _inst, code = CondaStage.run(argv, exit=False)
+    except StageError as exc:
+        output.error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        output.error("Interrupted")
+        return 130
+    return code or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

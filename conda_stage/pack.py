@@ -1,0 +1,199 @@
+"""Pack an environment into its tarball, once, atomically, under a lock.
+
+conda-pack does the hard part -- which files belong to which package, taking
+conda-managed files from the package cache with their build-time prefix
+placeholders, spotting editable installs and files clobbered by pip, and
+collecting the prefix records -- through its public ``CondaEnv`` API and its
+``Packer``.  This module adds what a shared cluster needs: multi-threaded
+zstd, a tar writer that does not look up user names for every file, a
+temporary name and a rename, a lock so two shells or jobs never pack the
+same environment at once, and the sidecar describing the result.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import stat
+import tarfile
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from . import __version__, formats, output
+from .errors import PackError
+from .fingerprint import fingerprint
+from .locking import file_lock
+from .resolve import Env
+from .tarball import Meta, Tarball
+
+
+class _TarWriter:
+    """The ``add``/``add_bytes`` interface conda-pack's ``Packer`` writes to."""
+
+    def __init__(self, stream):
+        self.tar = tarfile.open(fileobj=stream, mode="w", format=tarfile.PAX_FORMAT)
+        self._inodes: dict[tuple[int, int], str] = {}
+        self.files = 0
+
+    def _info(self, source: str, target: str) -> tarfile.TarInfo:
+        st = os.lstat(source)
+        ti = tarfile.TarInfo(target)
+        ti.mode = stat.S_IMODE(st.st_mode)
+        ti.mtime = st.st_mtime
+        if stat.S_ISREG(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and key in self._inodes:
+                ti.type, ti.linkname = tarfile.LNKTYPE, self._inodes[key]
+            else:
+                self._inodes[key] = target
+                ti.type, ti.size = tarfile.REGTYPE, st.st_size
+        elif stat.S_ISDIR(st.st_mode):
+            ti.type = tarfile.DIRTYPE
+        elif stat.S_ISLNK(st.st_mode):
+            ti.type, ti.linkname = tarfile.SYMTYPE, os.readlink(source)
+        else:
+            raise PackError(f"Cannot pack {source}: not a regular file, folder or symlink")
+        return ti
+
+    def add(self, source: str, target: str) -> None:
+        ti = self._info(source, target)
+        self.files += 1
+        if ti.type == tarfile.REGTYPE:
+            with open(source, "rb") as fh:
+                self.tar.addfile(ti, fh)
+        else:
+            self.tar.addfile(ti)
+
+    def add_bytes(self, source: str, data: bytes, target: str) -> None:
+        import io
+
+        ti = self._info(source, target)
+        ti.type, ti.size, ti.linkname = tarfile.REGTYPE, len(data), ""
+        self.files += 1
+        self.tar.addfile(ti, io.BytesIO(data))
+
+    def close(self) -> int:
+        self.tar.close()
+        return self.tar.offset
+
+
+def _explain(exc: Exception, env: Env) -> PackError:
+    """Turn a conda-pack exception into one line naming the way out."""
+    text = str(exc)
+    if "editable packages" in text:
+        names = ", ".join(re.findall(r"^- (\S+)", text, re.M)) or "?"
+        return PackError(
+            f"Cannot pack {env.prefix}: it has editable pip installs ({names}), which a staged "
+            f"copy cannot carry; reinstall them without -e, or keep this environment unstaged")
+    if "deleted/overwritten" in text:
+        names = ", ".join(re.findall(r"^- (\S+ \S+):", text, re.M)) or "?"
+        return PackError(
+            f"Cannot pack {env.prefix}: files that conda installed were deleted or overwritten "
+            f"(usually by pip) in: {names}; repair them with "
+            f"'conda install --force-reinstall <pkg>' or pack with --ignore-missing-files")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return PackError(f"Cannot pack {env.prefix}: {first}")
+
+
+def needs_pack(tarball: Tarball) -> str | None:
+    """Why the environment must be (re)packed, or None if its tarball is fresh."""
+    meta = tarball.read_meta()
+    if meta is None:
+        if tarball.path.exists():
+            return "its tarball has no valid conda-stage metadata"
+        return "it hasn't been done before"
+    if meta.fingerprint != fingerprint(tarball.env.prefix):
+        return "the environment changed since it was packed"
+    return None
+
+
+def pack(env: Env, *, fmt: str | None = None, level: int | None = None,
+         threads: int | None = None, force: bool = False,
+         ignore_missing_files: bool = False) -> Meta:
+    """Make sure ``env`` has a fresh tarball; build it if needed.  Returns its metadata."""
+    tarball = Tarball.for_env(env, fmt)
+    waiting = f"Waiting for another process packing {env.prefix} ..."
+    with file_lock(tarball.lock_path, waiting=waiting):
+        reason = "--force was given" if force else needs_pack(tarball)
+        if reason is None:
+            return tarball.read_meta()
+        output.info(f"[ONCE] Packaging Conda environment, because {reason} ...")
+        return _pack_locked(tarball, fmt or tarball.format, level, threads, ignore_missing_files)
+
+
+def _pack_locked(tarball: Tarball, fmt: str, level, threads, ignore_missing_files) -> Meta:
+    import conda_pack
+    from conda_pack.core import CondaPackException, Packer
+
+    env = tarball.env
+    if (env.prefix / "pkgs").is_dir():
+        output.warn(f"{env.prefix / 'pkgs'} is not packed (conda-pack never packs an "
+                    f"environment-local package cache)")
+    fp = fingerprint(env.prefix)
+    t0 = time.monotonic()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            cenv = conda_pack.CondaEnv.from_prefix(
+                str(env.prefix), ignore_missing_files=ignore_missing_files)
+        except CondaPackException as exc:
+            raise _explain(exc, env) from None
+    for w in caught:
+        lines = [ln for ln in str(w.message).strip().splitlines() if ln.strip()]
+        output.warn(" ".join(lines[:2]) + (" ..." if len(lines) > 2 else ""))
+
+    target = tarball.path.parent / (env.prefix.name + formats.suffix(fmt))
+    output.info(f"Packing environment at '{env.prefix}' to '{target}'")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            stream = formats.compressor(fh, fmt, level, threads)
+            writer = _TarWriter(stream)
+            packer = Packer(str(env.prefix), writer)
+            files = list(cenv.files)
+            with output.Progress("Packing", len(files)) as bar:
+                for f in files:
+                    try:
+                        packer.add(f)
+                    except FileNotFoundError as exc:
+                        raise PackError(f"Cannot pack {env.prefix}: {exc.filename} vanished "
+                                        f"while packing; is conda or pip changing the "
+                                        f"environment right now?") from None
+                    bar.update(1)
+            unpacked = writer.close()
+            stream.close()
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644 & ~_umask())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    elapsed = time.monotonic() - t0
+    for other in formats.FORMATS:
+        stale = target.parent / (env.prefix.name + formats.suffix(other))
+        if other != fmt and stale.exists():
+            stale.unlink()
+    st = os.stat(target)
+    meta = Meta(
+        format=fmt, archive=target.name, size=st.st_size, mtime_ns=st.st_mtime_ns,
+        prefix=str(env.prefix), fingerprint=fp, tool_version=__version__,
+        created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        pack_seconds=round(elapsed, 3), files=writer.files, unpacked_bytes=unpacked,
+        records=[list(r) for r in packer.prefixes if r[1]],
+    )
+    Tarball.for_env(env, fmt).write_meta(meta)
+    output.info(f"Total 'conda-pack' time: {output.seconds(elapsed)}")
+    output.info(f"Created conda-pack tarball: {output.describe_file(target)}")
+    return meta
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

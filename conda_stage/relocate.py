@@ -1,0 +1,41 @@
+"""Prefix relocation with conda-unpack's semantics.
+
+Text files get every occurrence of the placeholder replaced; binary files get
+NUL-terminated C strings rewritten and padded with NULs, which only works
+when the new prefix is no longer than the placeholder -- checked up front,
+before anything is extracted.  The replacement itself is conda-pack's
+(``conda_pack.prefixes.replace_prefix``).
+"""
+from __future__ import annotations
+
+from .errors import PrefixTooLong
+
+
+class Relocator:
+    def __init__(self, records, new_prefix: str):
+        self.new_prefix = str(new_prefix)
+        self._by_path: dict[str, list[tuple[str, str]]] = {}
+        for path, placeholder, mode in records:
+            if placeholder and mode in ("text", "binary"):
+                self._by_path.setdefault(path, []).append((placeholder, mode))
+
+    def __len__(self) -> int:
+        return len(self._by_path)
+
+    def wants(self, name: str) -> bool:
+        return name in self._by_path
+
+    def apply(self, name: str, data: bytes) -> bytes:
+        from conda_pack.prefixes import replace_prefix
+
+        for placeholder, mode in self._by_path[name]:
+            data = replace_prefix(data, mode, placeholder, self.new_prefix)
+        return data
+
+
+def check_prefix_fits(target: str, max_length: int | None) -> None:
+    if max_length is not None and len(str(target).encode()) > max_length:
+        raise PrefixTooLong(
+            f"Cannot stage to {target}: the path is {len(str(target).encode())} bytes long, but "
+            f"the environment's binary files leave room for at most {max_length}; "
+            f"use a shorter staging folder (--path, or TMPDIR)")
