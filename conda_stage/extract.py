@@ -21,6 +21,8 @@ from .errors import UnsafeArchive
 from .relocate import Relocator
 
 _CHUNK = 1 << 20
+# tarfile's stream mode copies its whole buffer on every small read: keep it small.
+_TAR_BUFSIZE = tarfile.RECORDSIZE
 
 
 @dataclass
@@ -85,7 +87,7 @@ def extract(stream, dest: str, *, relocator: Relocator | None = None,
                 raise UnsafeArchive(f"Refusing archive member {name!r}: {d!r} is not a folder") from None
             dir_modes[d] = 0o755
 
-    with tarfile.open(fileobj=stream, mode="r|", bufsize=_CHUNK) as tar:
+    with tarfile.open(fileobj=stream, mode="r|", bufsize=_TAR_BUFSIZE) as tar:
         for ti in tar:
             name = _clean_name(ti.name)
             if not name:

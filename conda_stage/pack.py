@@ -41,7 +41,7 @@ class _TarWriter:
         st = os.lstat(source)
         ti = tarfile.TarInfo(target)
         ti.mode = stat.S_IMODE(st.st_mode)
-        ti.mtime = st.st_mtime
+        ti.mtime = int(st.st_mtime)  # whole seconds: no PAX header per member
         if stat.S_ISREG(st.st_mode):
             key = (st.st_dev, st.st_ino)
             if st.st_nlink > 1 and key in self._inodes:
@@ -111,11 +111,11 @@ def needs_pack(tarball: Tarball) -> str | None:
 
 def pack(env: Env, *, fmt: str | None = None, level: int | None = None,
          threads: int | None = None, force: bool = False,
-         ignore_missing_files: bool = False) -> Meta:
+         ignore_missing_files: bool = False, lock_timeout: float | None = None) -> Meta:
     """Make sure ``env`` has a fresh tarball; build it if needed.  Returns its metadata."""
     tarball = Tarball.for_env(env, fmt)
     waiting = f"Waiting for another process packing {env.prefix} ..."
-    with file_lock(tarball.lock_path, waiting=waiting):
+    with file_lock(tarball.lock_path, waiting=waiting, timeout=lock_timeout):
         reason = "--force was given" if force else needs_pack(tarball)
         if reason is None:
             return tarball.read_meta()

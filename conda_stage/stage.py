@@ -15,7 +15,7 @@ from . import formats, output
 from .errors import StageError
 from .extract import extract
 from .locking import file_lock
-from .pack import pack
+from .pack import needs_pack, pack
 from .relocate import Relocator, check_prefix_fits
 from .resolve import Env
 from .store import (MARKER, new_marker, new_parent, read_marker, remove_copy,
@@ -46,7 +46,7 @@ def open_tarball(env: Env):
 def stage(env: Env, *, path: Path | None = None, base: Path | None = None,
           name: str | None = None, writable: bool = False, owner_pid: int | None = None,
           mode: str = "interactive", job_id: str | None = None,
-          repack: bool = True) -> Path:
+          repack: bool = True, lock_timeout: float | None = None) -> Path:
     """Stage ``env``; returns the path of the staged copy.
 
     ``path``: the exact folder to create (must not exist).  Otherwise a new
@@ -60,12 +60,17 @@ def stage(env: Env, *, path: Path | None = None, base: Path | None = None,
     meta, fh = None, None
     for _attempt in range(3):
         if repack:
-            pack(env)
+            pack(env, lock_timeout=lock_timeout)
+        else:
+            reason = needs_pack(Tarball.for_env(env))
+            if reason is not None:
+                raise StageError(f"Not staging {env.prefix}: it needs packing because {reason}; "
+                                 f"run 'conda stage --pack {env.prefix}'")
         meta, fh, tarball = open_tarball(env)
         if meta is not None or not repack:
             break
     if meta is None:
-        raise StageError(f"No usable tarball for {env.prefix}; run 'conda-stage --pack {env.prefix}'")
+        raise StageError(f"No usable tarball for {env.prefix}; run 'conda stage --pack {env.prefix}'")
     with fh:
         return _stage_from(env, meta, fh, tarball, path=path, base=base, name=name,
                            writable=writable, owner_pid=owner_pid, mode=mode, job_id=job_id)
