@@ -1,0 +1,41 @@
+#!/bin/bash
+# Install what conda-stage's tests and demo need on a fresh Debian 12 machine
+# (as root): a few Debian packages, and a world-readable venv with conda-stage
+# installed from this checkout.  Schedulers (Slurm, SGE) are installed by the
+# test suite itself when their tests run.  Idempotent and quick when done.
+#   tools/bootstrap.sh            ->  prints the venv's python on stdout
+# CONDA_STAGE_VENV  venv location (default /opt/conda-stage, the documented
+#                   site install; the scheduler hooks find Python there)
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+venv=${CONDA_STAGE_VENV:-/opt/conda-stage}
+log=${TMPDIR:-/tmp}/conda-stage-bootstrap.log
+
+if [ "$(id -u)" != 0 ]; then
+    echo "bootstrap: run as root (the tests create users and start schedulers)" >&2
+    exit 1
+fi
+need=()
+for pkg in python3-venv zsh strace shellcheck fuse3 gcc binutils zstd util-linux; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    echo "bootstrap: apt-get install ${need[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -o DPkg::Lock::Timeout=600 update -q >"$log" 2>&1 || true
+    apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${need[@]}" >>"$log" 2>&1 \
+        || { tail -20 "$log" >&2; exit 1; }
+fi
+if [ ! -x "$venv/bin/python" ]; then
+    echo "bootstrap: creating $venv" >&2
+    /usr/bin/python3 -m venv "$venv"
+fi
+if ! "$venv/bin/python" -c 'import conda_stage, pytest, mfusepy' 2>/dev/null \
+    || [ "$here/pyproject.toml" -nt "$venv/.conda-stage-installed" ]; then
+    echo "bootstrap: pip install -e ${here}[test]" >&2
+    "$venv/bin/pip" install -q --disable-pip-version-check -e "${here}[test]" >>"$log" 2>&1 \
+        || { tail -20 "$log" >&2; exit 1; }
+    touch "$venv/.conda-stage-installed"
+fi
+chmod -R a+rX "$venv"
+echo "$venv/bin/python"
