@@ -1,7 +1,9 @@
 #!/bin/bash
 # Install what conda-stage's tests and demo need on a fresh Debian 12 machine
 # (as root): a few Debian packages, and a world-readable venv with conda-stage
-# installed from this checkout.  Schedulers (Slurm, SGE) are installed by the
+# installed from this checkout -- a real (not editable) install, as a site
+# would do it: job users run it from hooks, and the checkout may not be
+# readable by them.  Schedulers (Slurm, SGE) are installed by the
 # test suite itself when their tests run.  Idempotent and quick when done.
 #   tools/bootstrap.sh            ->  prints the venv's python on stdout
 # CONDA_STAGE_VENV  venv location (default /opt/conda-stage, the documented
@@ -30,12 +32,16 @@ if [ ! -x "$venv/bin/python" ]; then
     echo "bootstrap: creating $venv" >&2
     /usr/bin/python3 -m venv "$venv"
 fi
-if ! "$venv/bin/python" -c 'import conda_stage, pytest, mfusepy' 2>/dev/null \
-    || [ "$here/pyproject.toml" -nt "$venv/.conda-stage-installed" ]; then
-    echo "bootstrap: pip install -e ${here}[test]" >&2
-    "$venv/bin/pip" install -q --disable-pip-version-check -e "${here}[test]" >>"$log" 2>&1 \
-        || { tail -20 "$log" >&2; exit 1; }
-    touch "$venv/.conda-stage-installed"
+pip=("$venv/bin/pip" install -q --disable-pip-version-check)
+if ! "$venv/bin/python" -c 'import plumbum, psutil, zstandard, conda_pack, yaml, pytest, mfusepy' 2>/dev/null \
+    || [ "$here/pyproject.toml" -nt "$venv/.conda-stage-deps" ]; then
+    echo "bootstrap: installing dependencies into $venv" >&2
+    "${pip[@]}" "${here}[test]" setuptools wheel >>"$log" 2>&1 || { tail -20 "$log" >&2; exit 1; }
+    touch "$venv/.conda-stage-deps"
 fi
+# This checkout's code, freshly (a few seconds, offline).
+"${pip[@]}" --no-deps --no-build-isolation --force-reinstall "$here" >>"$log" 2>&1 \
+    || { tail -20 "$log" >&2; exit 1; }
+rm -rf "$here/build" "$here"/*.egg-info
 chmod -R a+rX "$venv"
 echo "$venv/bin/python"
