@@ -109,10 +109,10 @@ def remove_tree(path: Path) -> None:
     """Remove ``path`` completely, read-only folders included.  Symlinks are
     never followed."""
     path = Path(path)
-    if path.is_symlink():
-        path.unlink()
+    if not os.path.lexists(path):
         return
-    if not path.exists():
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
         return
     for root, dirs, _files in os.walk(path):
         try:

@@ -1,0 +1,259 @@
+"""Slurm integration on a real single-node Slurm 22.05: the shipped Prolog,
+TaskProlog and Epilog pre-stage declared environments, `conda activate NAME`
+lands on the node-local copy, and everything is gone after the job -- also
+after scancel, a time-out or a SIGKILL.  After every case: nothing staged is
+left, the node is not drained, the original environment and its tarball are
+untouched."""
+import os
+import re
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.harness.envs import enable_env, remove_env
+from tests.harness.sitecfg import site_defaults
+from tests.harness.users import TEST_BASE
+
+pytestmark = [pytest.mark.slurm, pytest.mark.conda]
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGING = TEST_BASE / "slurm-jobs"
+HOOK_LOG = TEST_BASE / "slurm-hooks.log"
+
+
+@pytest.fixture(scope="module")
+def site_envs(conda_site, conda_user, stage_bin):
+    envs = {
+        "jup": enable_env(conda_site, conda_user, stage_bin, "sl-jup"),
+        "tools": enable_env(conda_site, conda_user, stage_bin, "sl-tools",
+                            packages=("python", "prefix-probe")),
+        "plain": enable_env(conda_site, conda_user, stage_bin, "sl-plain", enable=False,
+                            packages=("prefix-probe",)),
+    }
+    yield envs
+    for env in envs.values():
+        remove_env(conda_site, conda_user, env)
+
+
+@pytest.fixture(scope="module")
+def cluster(slurm_cluster, site_envs, conda_site):
+    hooks = {
+        "prolog": str(slurm_cluster.install_file(ROOT / "prolog" / "slurm-prolog")),
+        "task_prolog": str(slurm_cluster.install_file(ROOT / "prolog" / "slurm-task-prolog")),
+        "epilog": str(slurm_cluster.install_file(ROOT / "epilog" / "slurm-epilog")),
+    }
+    HOOK_LOG.unlink(missing_ok=True)
+    with site_defaults(staging_dir=STAGING, log_file=HOOK_LOG, syslog="no",
+                       conda_root=conda_site.root_prefix) as defaults:
+        with slurm_cluster.hooks_configured(**hooks, prolog_flags="Alloc"):
+            slurm_cluster.defaults = defaults
+            yield slurm_cluster
+
+
+@pytest.fixture
+def slurm_job(cluster, conda_user, conda_site, site_envs):
+    """Submit a job as the test user; after the test, check nothing was left
+    and nothing was harmed."""
+    before = {k: e.snapshot() for k, e in site_envs.items() if k != "plain"}
+    cluster.ensure_clean()
+    init = conda_site.init_file
+
+    def submit(body, *args):
+        script = f"#!/bin/bash\n. {init}\n{body}\n"
+        return cluster.submit(conda_user, script, *args)
+
+    yield submit
+    leftovers = os.listdir(STAGING) if STAGING.exists() else []
+    assert leftovers == [], f"staged files left behind: {leftovers}"
+    assert "drain" not in cluster.node_state(), cluster.node_reason()
+    cluster.wait_idle(timeout=30)
+    for k, snap in before.items():
+        assert site_envs[k].snapshot() == snap, f"original environment {k} changed"
+
+
+def values(text):
+    return dict(line.split("=", 1) for line in text.splitlines() if re.match(r"^\w+=", line))
+
+
+PROBE = """
+conda activate {name}
+echo "prefix=$CONDA_PREFIX"
+echo "python=$(command -v python)"
+echo "sys_prefix=$(python -c 'import sys; print(sys.prefix)')"
+prefix-probe | sed 's/:/=/'
+echo "probe_home=$PREFIX_PROBE_HOME"
+conda deactivate
+test -d "$CONDA_STAGE_JOB_DIR/envs/{name}" && echo "kept_after_deactivate=yes"
+"""
+
+
+def test_declared_env_is_staged_and_activated_by_name(slurm_job, cluster, site_envs):
+    env = site_envs["jup"]
+    jid = slurm_job(PROBE.format(name=env.name), f"--comment=conda_env={env.name}")
+    info = cluster.wait(jid)
+    out = cluster.output(jid)
+    assert info["JobState"] == "COMPLETED", out
+    v = values(out)
+    staged = f"{STAGING}/{jid}/envs/{env.name}"
+    assert v["prefix"] == staged, out
+    assert v["python"] == f"{staged}/bin/python"
+    assert v["sys_prefix"] == staged
+    assert v["exe"] == staged and v["lib"] == f"{staged}/lib"
+    assert v["probe_home"] == f"{staged}/share/prefix-probe"
+    assert v["kept_after_deactivate"] == "yes"  # the epilog owns prolog-staged copies
+    assert f"conda-stage: staged {env.name} to {staged} in " in out
+    log = HOOK_LOG.read_text()
+    assert re.search(rf"slurm job {jid} \(csalice\): staged {env.prefix} -> {staged} in", log)
+    assert re.search(rf"slurm job {jid} \(csalice\): removed {STAGING}/{jid}", log)
+
+
+def test_two_envs_in_one_job(slurm_job, cluster, site_envs):
+    a, b = site_envs["jup"], site_envs["tools"]
+    body = PROBE.format(name=a.name) + PROBE.format(name=b.name).replace("prefix=", "prefix2=")
+    jid = slurm_job(body, f"--comment=conda_env={a.name}:{b.name} other-tool=x")
+    assert cluster.wait(jid)["JobState"] == "COMPLETED"
+    v = values(cluster.output(jid))
+    assert v["prefix"] == f"{STAGING}/{jid}/envs/{a.name}"
+    assert v["prefix2"] == f"{STAGING}/{jid}/envs/{b.name}"
+
+
+def test_two_concurrent_jobs_on_the_same_env(slurm_job, cluster, site_envs):
+    env = site_envs["jup"]
+    body = PROBE.format(name=env.name) + "sleep 2\n"
+    jids = [slurm_job(body, f"--comment=conda_env={env.name}") for _ in range(2)]
+    for jid in jids:
+        assert cluster.wait(jid)["JobState"] == "COMPLETED"
+        assert values(cluster.output(jid))["prefix"] == f"{STAGING}/{jid}/envs/{env.name}"
+
+
+def test_array_job_tasks_get_their_own_copies(slurm_job, cluster, site_envs):
+    env = site_envs["jup"]
+    jid = slurm_job(PROBE.format(name=env.name), f"--comment=conda_env={env.name}",
+                    "--array=1-3", "-o", f"{cluster.user_workdir('csalice')}/array-%A_%a.out")
+    cluster.wait(jid, timeout=180)
+    prefixes = set()
+    for task in (1, 2, 3):
+        out = (cluster.user_workdir("csalice") / f"array-{jid}_{task}.out").read_text()
+        prefix = values(out)["prefix"]
+        assert re.fullmatch(rf"{STAGING}/\d+/envs/{env.name}", prefix), out
+        prefixes.add(prefix)
+    assert len(prefixes) == 3
+
+
+def _wait_for_output(cluster, jid, text, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if text in cluster.output(jid, timeout=0):
+                return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"job {jid} never printed {text!r}")
+
+
+RUN_FROM_COPY = """
+conda activate {name}
+python -c 'import time; time.sleep(600)' &
+echo ready
+sleep 600
+"""
+
+
+def test_scancel_while_running(slurm_job, cluster, site_envs):
+    env = site_envs["jup"]
+    jid = slurm_job(RUN_FROM_COPY.format(name=env.name), f"--comment=conda_env={env.name}")
+    _wait_for_output(cluster, jid, "ready")
+    assert (STAGING / jid / "envs" / env.name / "bin").is_dir()
+    cluster.cancel(jid)
+    assert cluster.wait(jid)["JobState"] == "CANCELLED"
+
+
+def test_job_killing_itself_with_sigkill_leaves_nothing(slurm_job, cluster, site_envs):
+    env = site_envs["jup"]
+    # A process that escapes the job (double fork + setsid) keeps running from the copy.
+    body = f"""
+conda activate {env.name}
+( setsid python -c 'import time; time.sleep(600)' > /dev/null 2>&1 & )
+sleep 1
+echo "escaped=$(pgrep -u $(id -u) -f 'time.sleep\\(600\\)' | head -1)"
+kill -9 $$
+"""
+    jid = slurm_job(body, f"--comment=conda_env={env.name}")
+    info = cluster.wait(jid)
+    assert info["JobState"] in ("FAILED", "CANCELLED"), info
+    escaped = int(values(cluster.output(jid))["escaped"])
+    assert not psutil.pid_exists(escaped) or psutil.Process(escaped).status() == "zombie"
+
+
+def test_job_exceeding_its_time_limit(slurm_job, cluster, site_envs):
+    env = site_envs["jup"]
+    jid = slurm_job(RUN_FROM_COPY.format(name=env.name), f"--comment=conda_env={env.name}",
+                    "--time=1")
+    assert cluster.wait(jid, timeout=240)["JobState"] == "TIMEOUT"
+
+
+@pytest.mark.parametrize("kind", ["unknown", "not-enabled", "invalid"])
+def test_user_mistakes_run_the_job_unstaged_with_a_message(kind, slurm_job, cluster, site_envs):
+    name = {"unknown": "no-such-env", "not-enabled": site_envs["plain"].name,
+            "invalid": "../etc"}[kind]
+    jid = slurm_job('echo "envs_path=${CONDA_ENVS_PATH:-unset}"', f"--comment=conda_env={name}")
+    info = cluster.wait(jid)
+    out = cluster.output(jid)
+    assert info["JobState"] == "COMPLETED", out
+    assert values(out)["envs_path"] == "unset"
+    expected = {
+        "unknown": "conda-stage: not staging no-such-env: Conda environment 'no-such-env' not found",
+        "not-enabled": f"conda-stage: not staging {name}: {site_envs['plain'].prefix} is not "
+                       f"enabled for auto-staging (enable it once with: conda stage "
+                       f"--auto-stage=enable {name})",
+        "invalid": "conda-stage: ignoring part of the request: invalid environment name '../etc'",
+    }[kind]
+    assert expected in out
+
+
+def test_job_declaring_nothing_costs_one_shell_start(slurm_job, cluster):
+    mark = HOOK_LOG.stat().st_size if HOOK_LOG.exists() else 0
+    jid = slurm_job('echo "envs_path=${CONDA_ENVS_PATH:-unset}"')
+    assert cluster.wait(jid)["JobState"] == "COMPLETED"
+    assert values(cluster.output(jid))["envs_path"] == "unset"
+    new_log = HOOK_LOG.read_text()[mark:] if HOOK_LOG.exists() else ""
+    assert f"job {jid} " not in new_log  # Python never started for this job
+
+
+def test_activation_touches_nothing_in_the_original_prefix(slurm_job, cluster, site_envs,
+                                                           conda_site):
+    env = site_envs["jup"]
+    body = f"""
+strace -f -qq -e trace=%file,%process -o "$TMPDIR/trace.$SLURM_JOB_ID" \\
+    bash -c '. {conda_site.init_file}; conda activate {env.name}; python -c "import json, sqlite3"; prefix-probe'
+echo "strace_rc=$?"
+echo "lines=$(wc -l < "$TMPDIR/trace.$SLURM_JOB_ID")"
+echo "into_copy=$(grep -c "$CONDA_STAGE_JOB_DIR/envs/{env.name}" "$TMPDIR/trace.$SLURM_JOB_ID")"
+echo "into_original=$(grep -c "{env.prefix}" "$TMPDIR/trace.$SLURM_JOB_ID")"
+grep "{env.prefix}" "$TMPDIR/trace.$SLURM_JOB_ID" | head -5
+rm -f "$TMPDIR/trace.$SLURM_JOB_ID"
+"""
+    jid = slurm_job(body, f"--comment=conda_env={env.name}")
+    assert cluster.wait(jid)["JobState"] == "COMPLETED"
+    out = cluster.output(jid)
+    v = values(out)
+    assert v["strace_rc"] == "0", out
+    assert int(v["into_copy"]) > 100, out
+    assert v["into_original"] == "0", out
+
+
+def test_on_error_hold_holds_the_job_without_draining(slurm_job, cluster):
+    cluster.defaults.update(on_error="hold")
+    try:
+        jid = slurm_job("echo ran", "--comment=conda_env=no-such-env")
+        cluster.wait_for(lambda: "held" in cluster.job_info(jid).get("Reason", "").lower()
+                         or cluster.job_info(jid).get("Reason") == "JobHeldAdmin",
+                         timeout=60, what="job held")
+        assert "drain" not in cluster.node_state(), cluster.node_reason()
+        cluster.cancel(jid)
+        cluster.wait(jid)
+    finally:
+        cluster.defaults.update(on_error="continue")
