@@ -128,12 +128,18 @@ class CondaStage(_App):
 
     def _stage(self, env):
         from .autostage import read_conf
-        from .stage import stage
+        from .stage import find_job_copy, stage
 
         target = resolve(env)
         conf = read_conf(target.prefix)
         if conf.get("quiet") == "1":
             output.configure(quiet=True)
+        if self.path is None:
+            prestaged = find_job_copy(target)
+            if prestaged is not None:
+                output.info(f"Using the copy staged for this job: {prestaged}")
+                print(prestaged)
+                return 0
         staged = stage(target, path=self.path, owner_pid=self.owner_pid,
                        writable=self.writable or conf.get("writable") == "1")
         print(staged)
