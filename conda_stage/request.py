@@ -39,7 +39,7 @@ def parse_names(value: str, request: Request) -> None:
             request.problems.append(f"empty name in conda_env={_printable(value)}")
         elif not is_valid_name(name):
             request.problems.append(
-                f"invalid environment name {_printable(name)!r} (a name, not a path: letters, "
+                f"invalid environment name '{_printable(name)}' (a name, not a path: letters, "
                 f"digits, '.', '_', '+', '-')")
         elif name not in request.names:
             if len(request.names) >= MAX_ENVS:

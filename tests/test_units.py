@@ -1,0 +1,160 @@
+"""Pure logic: job requests, site settings, conda-style name resolution,
+fingerprints and locks."""
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from conda_stage.config import Config
+from conda_stage.errors import EnvNotFound, UsageError
+from conda_stage.fingerprint import fingerprint
+from conda_stage.locking import file_lock
+from conda_stage.request import parse_text, parse_value
+from conda_stage.resolve import envs_dirs, is_valid_name, resolve
+
+
+# ---------------------------------------------------------------- requests
+@pytest.mark.parametrize("text, names", [
+    ("conda_env=myjupyter", ["myjupyter"]),
+    ("conda_env=a:b other-tool=x", ["a", "b"]),
+    ("project=42 conda_env=a,x=1", ["a"]),
+    ("conda_env=a:a:b", ["a", "b"]),
+    ("nothing here", []),
+    ("my_conda_env=a", []),
+    (None, []),
+])
+def test_parse_text_finds_requests_among_other_text(text, names):
+    req = parse_text(text)
+    assert req.names == names and req.problems == []
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("../etc", "invalid environment name '../etc'"),
+    ("/abs/path", "invalid environment name '/abs/path'"),
+    ("-rf", "invalid environment name '-rf'"),
+    ("a;b", "invalid environment name 'a;b'"),
+    ("$(id)", "invalid environment name '$(id)'"),
+    ("a\x1bb", "invalid environment name 'a\\x1bb'"),
+    ("a::b", "empty name"),
+    ("", "empty conda_env= request"),
+    ("x" * 129, "invalid environment name"),
+])
+def test_bad_names_are_problems_never_paths(value, problem):
+    req = parse_value(value)
+    assert any(problem in p for p in req.problems), req.problems
+    assert all(is_valid_name(n) for n in req.names)
+
+
+def test_too_many_names_are_capped():
+    req = parse_value(":".join(f"e{i}" for i in range(20)))
+    assert len(req.names) == 16 and "more than 16" in req.problems[0]
+
+
+# ---------------------------------------------------------------- config
+def test_defaults_file_and_environment(tmp_path):
+    defaults = tmp_path / "conda-stage"
+    defaults.write_text("# site settings\nCONDA_STAGE_STAGING_DIR=/local/cs\n"
+                        "export CONDA_STAGE_ON_ERROR='hold'\nCONDA_STAGE_REPACK=no # comment\n"
+                        "CONDA_STAGE_PYTHON=/opt/conda-stage/bin/python\n")
+    config = Config.load({"CONDA_STAGE_DEFAULTS": str(defaults),
+                          "CONDA_STAGE_LOCK_TIMEOUT": "30"})
+    assert config.staging_dir == "/local/cs" and config.on_error == "hold"
+    assert config.repack is False and config.lock_timeout == 30.0
+    assert Config.load({"CONDA_STAGE_DEFAULTS": str(tmp_path / "missing")}) == Config()
+
+
+@pytest.mark.parametrize("line, message", [
+    ("CONDA_STAGE_ON_ERROR=explode", "must be 'continue' or 'hold'"),
+    ("CONDA_STAGE_REPACK=maybe", "must be yes or no"),
+    ("not a setting", "expected KEY=value"),
+])
+def test_bad_settings_are_reported(tmp_path, line, message):
+    defaults = tmp_path / "conda-stage"
+    defaults.write_text(line + "\n")
+    with pytest.raises(UsageError, match=message):
+        Config.load({"CONDA_STAGE_DEFAULTS": str(defaults)})
+
+
+# ---------------------------------------------------------------- resolution
+def _env(path):
+    (path / "conda-meta").mkdir(parents=True)
+    return path
+
+
+def test_names_resolve_like_conda(tmp_path):
+    home, root = tmp_path / "home", tmp_path / "root"
+    _env(root)
+    (root / ".condarc").write_text("envs_dirs:\n  - /site/envs\n")
+    (home / ".condarc").parent.mkdir(parents=True)
+    (home / ".condarc").write_text("envs_dirs: [~/projects/envs]\n")
+    environ = {"HOME": str(home), "CONDA_ROOT_PREFIX": str(root),
+               "CONDA_ENVS_PATH": f"{tmp_path}/first:{tmp_path}/second"}
+    dirs = envs_dirs(environ)
+    assert dirs[:4] == [tmp_path / "first", tmp_path / "second",
+                        home / "projects" / "envs", Path("/site/envs")]
+    assert set(dirs[4:]) == {home / ".conda" / "envs", root / "envs"}
+    mine = _env(home / "projects" / "envs" / "tools")
+    _env(home / ".conda" / "envs" / "tools")
+    assert resolve("tools", environ).prefix == mine
+    assert resolve("base", environ).prefix == root
+    assert resolve(str(mine), environ).name == "tools"
+    with pytest.raises(EnvNotFound, match="'nope' not found"):
+        resolve("nope", environ)
+    with pytest.raises(EnvNotFound, match="Not a valid Conda environment name"):
+        resolve("a;b", environ)
+    with pytest.raises(EnvNotFound, match="Not a Conda environment"):
+        resolve(str(tmp_path), environ)
+
+
+# ---------------------------------------------------------------- fingerprint
+def test_fingerprint_follows_conda_and_pip_changes(tmp_path):
+    env = _env(tmp_path / "env")
+    site = env / "lib" / "python3.11" / "site-packages"
+    site.mkdir(parents=True)
+    (env / "conda-meta" / "history").write_text("==> 2024 <==\n")
+    first = fingerprint(env)
+    (site / "__pycache__").mkdir()  # importing modules must not look like a change
+    assert fingerprint(env) == first
+    (site / "tiny-1.0.dist-info").mkdir()  # pip install
+    second = fingerprint(env)
+    assert second != first
+    (env / "conda-meta" / "pkg-1.0-0.json").write_text("{}")  # conda install
+    assert fingerprint(env) != second
+
+
+# ---------------------------------------------------------------- locks
+def _hold(path, seconds, started):
+    with file_lock(path):
+        started.set()
+        time.sleep(seconds)
+
+
+def test_exclusive_lock_waits_and_times_out(tmp_path):
+    lock = tmp_path / "lock"
+    started = multiprocessing.Event()
+    holder = multiprocessing.Process(target=_hold, args=(lock, 1.5, started))
+    holder.start()
+    try:
+        assert started.wait(10)
+        from conda_stage.errors import LockTimeout
+
+        with pytest.raises(LockTimeout):
+            with file_lock(lock, timeout=0.3):
+                pass
+        t0 = time.monotonic()
+        with file_lock(lock, shared=True):
+            waited = time.monotonic() - t0
+        assert waited > 0.5
+    finally:
+        holder.join(10)
+
+
+def test_lock_file_replaced_while_waiting_is_relocked(tmp_path):
+    lock = tmp_path / "lock"
+    with file_lock(lock) as fd:
+        assert fd is not None
+        os.unlink(lock)
+    with file_lock(lock):
+        assert lock.exists()
