@@ -27,9 +27,6 @@ class Config:
     # failure): "continue" runs the job unstaged and says why; "hold" holds
     # the job (Slurm: scontrol requeuehold; SGE: prolog exit 100 -> Eqw).
     on_error: str = "continue"
-    # Repack a stale tarball in the prolog (as the job user, under the lock);
-    # "no": skip that environment with a message instead.
-    repack: bool = True
     # Log file for the hooks (empty: none); syslog (daemon facility) too.
     log_file: str = ""
     syslog: bool = True
@@ -38,7 +35,8 @@ class Config:
     conda_root: str = ""
     # Slurm TaskProlog also exports TMPDIR=<job folder>/tmp.
     set_tmpdir: bool = False
-    # Seconds to wait for another process packing the same environment.
+    # Seconds to wait for a lock held by another process packing the same
+    # environment (a prolog never packs: it only reads the tarball).
     lock_timeout: float = 600.0
     # SGE without the JSV: read the conda_env request with 'qstat -j' (one
     # qstat call per job, also for jobs that request nothing).

@@ -1,7 +1,8 @@
 """Prolog, task prolog and epilog logic, written once for every scheduler.
 
-Prolog (root): create the job's node-local folder, then -- as the job user --
-stage every declared, auto-stage-enabled environment into
+Prolog (root): create the job's node-local folder, then -- as the job user,
+reading but never writing the user's environment and tarball -- stage every
+declared, auto-stage-enabled environment with a fresh tarball into
 ``<job folder>/envs/<name>`` and write a manifest of what was staged, how
 long it took, and what to tell the user.  Pointing conda at the copies is
 one variable: ``CONDA_ENVS_PATH=<job folder>/envs:...`` makes ``conda
@@ -71,8 +72,7 @@ def _job_spec(job: Job) -> dict:
 
 
 def _config_spec(config: Config) -> dict:
-    return {"repack": config.repack, "conda_root": config.conda_root,
-            "lock_timeout": config.lock_timeout}
+    return {"conda_root": config.conda_root, "lock_timeout": config.lock_timeout}
 
 
 def _make_root_workdir(job: Job, config: Config) -> None:
@@ -131,8 +131,10 @@ def _stage_envs(spec: dict, conf: dict) -> dict:
             if not is_enabled(env.prefix):
                 raise NotEnabled(f"{env.prefix} is not enabled for auto-staging (enable it "
                                  f"once with: conda stage --auto-stage=enable {name})")
+            # repack=False: a hook never writes to the user's environment or
+            # tarball; a stale tarball is reported, the job runs unstaged.
             path = stage(env, path=envs / name, name=name, mode="job",
-                         job_id=spec["job_id"], repack=conf["repack"],
+                         job_id=spec["job_id"], repack=False,
                          lock_timeout=conf["lock_timeout"])
             results.append({"name": name, "status": "staged", "path": str(path),
                             "original": str(env.prefix),

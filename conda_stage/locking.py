@@ -21,11 +21,12 @@ from .errors import LockTimeout
 @contextmanager
 def file_lock(path: Path, *, shared: bool = False, timeout: float | None = None,
               waiting: str | None = None):
-    """Hold a lock on ``path`` (created if missing) for the ``with`` body.
+    """Hold a lock on ``path`` for the ``with`` body.
 
-    ``waiting`` is printed once (as INFO) if the lock is busy.  A shared lock
-    on a file that cannot be created (read-only location) is skipped: nobody
-    can be writing there either.
+    ``waiting`` is printed once (as INFO) if the lock is busy.  An exclusive
+    lock creates the lock file; a shared lock never does (readers write
+    nothing): when the file does not exist or cannot be opened, nobody is
+    packing, and the read goes unlocked.
     """
     path = Path(path)
     kind = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
@@ -33,9 +34,12 @@ def file_lock(path: Path, *, shared: bool = False, timeout: float | None = None,
     told = False
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            if shared:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            else:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            if shared and exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            if shared and exc.errno in (errno.ENOENT, errno.EACCES, errno.EROFS, errno.EPERM):
                 output.debug(f"no lock file {path} ({exc.strerror}); reading unlocked")
                 yield None
                 return

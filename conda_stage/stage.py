@@ -26,12 +26,12 @@ ACTIVATE_HOOK = "etc/conda/activate.d/zzz.conda-stage-auto.sh"
 DEACTIVATE_HOOK = "etc/conda/deactivate.d/000.conda-stage-auto.sh"
 
 
-def open_tarball(env: Env):
+def open_tarball(env: Env, lock_timeout: float | None = None):
     """``(meta, file object)`` of the environment's tarball, consistent with
     each other: read under the shared lock, so never half-way through a
     repack.  Once open, the file stays readable even if it is replaced."""
     tarball = Tarball.for_env(env)
-    with file_lock(tarball.lock_path, shared=True):
+    with file_lock(tarball.lock_path, shared=True, timeout=lock_timeout):
         meta = tarball.read_meta()
         if meta is None:
             return None, None, tarball
@@ -64,9 +64,10 @@ def stage(env: Env, *, path: Path | None = None, base: Path | None = None,
         else:
             reason = needs_pack(Tarball.for_env(env))
             if reason is not None:
-                raise StageError(f"Not staging {env.prefix}: it needs packing because {reason}; "
-                                 f"run 'conda stage --pack {env.prefix}'")
-        meta, fh, tarball = open_tarball(env)
+                raise StageError(f"its tarball must be rebuilt first, because {reason} "
+                                 f"(run 'conda stage --pack {env.prefix}', or activate it once "
+                                 f"interactively)")
+        meta, fh, tarball = open_tarball(env, lock_timeout)
         if meta is not None or not repack:
             break
     if meta is None:

@@ -257,3 +257,22 @@ def test_on_error_hold_holds_the_job_without_draining(slurm_job, cluster):
         cluster.wait(jid)
     finally:
         cluster.defaults.update(on_error="continue")
+
+
+def test_stale_tarball_is_reported_never_rebuilt_by_the_prolog(slurm_job, cluster, conda_site,
+                                                                conda_user, stage_bin):
+    env = enable_env(conda_site, conda_user, stage_bin, "sl-stale", packages=("prefix-probe",))
+    try:
+        conda_site.install(conda_user, env.prefix, "cs-extra")  # the tarball is now stale
+        before = env.snapshot()
+        jid = slurm_job('echo "envs_path=${CONDA_ENVS_PATH:-unset}"',
+                        f"--comment=conda_env={env.name}")
+        assert cluster.wait(jid)["JobState"] == "COMPLETED"
+        out = cluster.output(jid)
+        assert values(out)["envs_path"] == "unset"
+        assert (f"conda-stage: not staging {env.name}: its tarball must be rebuilt first, because "
+                f"the environment changed since it was packed (run 'conda stage --pack "
+                f"{env.prefix}'") in out
+        assert env.snapshot() == before
+    finally:
+        remove_env(conda_site, conda_user, env)
