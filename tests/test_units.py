@@ -56,18 +56,18 @@ def test_too_many_names_are_capped():
 def test_defaults_file_and_environment(tmp_path):
     defaults = tmp_path / "conda-stage"
     defaults.write_text("# site settings\nCONDA_STAGE_STAGING_DIR=/local/cs\n"
-                        "export CONDA_STAGE_ON_ERROR='hold'\nCONDA_STAGE_REPACK=no # comment\n"
+                        "export CONDA_STAGE_ON_ERROR='hold'\nCONDA_STAGE_SET_TMPDIR=yes # comment\n"
                         "CONDA_STAGE_PYTHON=/opt/conda-stage/bin/python\n")
     config = Config.load({"CONDA_STAGE_DEFAULTS": str(defaults),
                           "CONDA_STAGE_LOCK_TIMEOUT": "30"})
     assert config.staging_dir == "/local/cs" and config.on_error == "hold"
-    assert config.repack is False and config.lock_timeout == 30.0
+    assert config.set_tmpdir is True and config.lock_timeout == 30.0
     assert Config.load({"CONDA_STAGE_DEFAULTS": str(tmp_path / "missing")}) == Config()
 
 
 @pytest.mark.parametrize("line, message", [
     ("CONDA_STAGE_ON_ERROR=explode", "must be 'continue' or 'hold'"),
-    ("CONDA_STAGE_REPACK=maybe", "must be yes or no"),
+    ("CONDA_STAGE_SYSLOG=maybe", "must be yes or no"),
     ("not a setting", "expected KEY=value"),
 ])
 def test_bad_settings_are_reported(tmp_path, line, message):
