@@ -19,14 +19,13 @@ import tarfile
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 from . import __version__, formats, output
 from .errors import PackError
 from .fingerprint import fingerprint
 from .locking import file_lock
 from .resolve import Env
-from .tarball import Meta, Tarball
+from .tarball import Meta, Tarball, current_umask
 
 
 class _TarWriter:
@@ -166,7 +165,7 @@ def _pack_locked(tarball: Tarball, fmt: str, level, threads, ignore_missing_file
             stream.close()
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644 & ~_umask())
+        os.chmod(tmp, 0o644 & ~current_umask())
         os.replace(tmp, target)
     except BaseException:
         try:
@@ -192,8 +191,3 @@ def _pack_locked(tarball: Tarball, fmt: str, level, threads, ignore_missing_file
     output.info(f"Created conda-pack tarball: {output.describe_file(target)}")
     return meta
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

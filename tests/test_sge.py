@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.envs import enable_env, remove_env
+from tests.harness.envs import job_envs
 from tests.harness.sge import SubmitError
 from tests.harness.sitecfg import site_defaults
 from tests.harness.users import TEST_BASE
@@ -24,16 +24,8 @@ HOOK_LOG = TEST_BASE / "sge-hooks.log"
 
 @pytest.fixture(scope="module")
 def site_envs(conda_site, conda_user, stage_bin):
-    envs = {
-        "jup": enable_env(conda_site, conda_user, stage_bin, "sg-jup"),
-        "tools": enable_env(conda_site, conda_user, stage_bin, "sg-tools",
-                            packages=("python", "prefix-probe")),
-        "plain": enable_env(conda_site, conda_user, stage_bin, "sg-plain", enable=False,
-                            packages=("prefix-probe",)),
-    }
-    yield envs
-    for env in envs.values():
-        remove_env(conda_site, conda_user, env)
+    with job_envs(conda_site, conda_user, stage_bin, "sg") as envs:
+        yield envs
 
 
 @pytest.fixture(scope="module")

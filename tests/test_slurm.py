@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness.envs import enable_env, remove_env
+from tests.harness.envs import enable_env, job_envs, remove_env
 from tests.harness.sitecfg import site_defaults
 from tests.harness.users import TEST_BASE
 
@@ -25,16 +25,8 @@ HOOK_LOG = TEST_BASE / "slurm-hooks.log"
 
 @pytest.fixture(scope="module")
 def site_envs(conda_site, conda_user, stage_bin):
-    envs = {
-        "jup": enable_env(conda_site, conda_user, stage_bin, "sl-jup"),
-        "tools": enable_env(conda_site, conda_user, stage_bin, "sl-tools",
-                            packages=("python", "prefix-probe")),
-        "plain": enable_env(conda_site, conda_user, stage_bin, "sl-plain", enable=False,
-                            packages=("prefix-probe",)),
-    }
-    yield envs
-    for env in envs.values():
-        remove_env(conda_site, conda_user, env)
+    with job_envs(conda_site, conda_user, stage_bin, "sl") as envs:
+        yield envs
 
 
 @pytest.fixture(scope="module")

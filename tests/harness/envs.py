@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,3 +56,23 @@ def remove_env(site, user, env: EnabledEnv) -> None:
     lock = env.prefix.parent / f".{env.name}.conda-stage.lock"
     lock.unlink(missing_ok=True)
     site.remove_env(user, env.prefix)
+
+
+@contextmanager
+def job_envs(site, user, stage_bin: Path, prefix: str):
+    """The environments scheduler tests use: ``jup`` (python, pip,
+    prefix-probe) and ``tools`` (python, prefix-probe) enabled for
+    auto-staging, ``plain`` (prefix-probe) not enabled; names start with
+    ``prefix``.  Removed afterwards."""
+    envs = {
+        "jup": enable_env(site, user, stage_bin, f"{prefix}-jup"),
+        "tools": enable_env(site, user, stage_bin, f"{prefix}-tools",
+                            packages=("python", "prefix-probe")),
+        "plain": enable_env(site, user, stage_bin, f"{prefix}-plain", enable=False,
+                            packages=("prefix-probe",)),
+    }
+    try:
+        yield envs
+    finally:
+        for env in envs.values():
+            remove_env(site, user, env)
