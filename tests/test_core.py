@@ -287,3 +287,27 @@ def test_usage_errors_are_one_line(run):
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].startswith(
         "ERROR: Conda environment 'no-such-env-here' not found (looked in: ")
+
+
+def test_tar_gz_format_packs_and_stages(new_env, run, user_tmp):
+    env = new_env()
+    r = run(f"conda-stage --pack --format tar.gz {env.name} && conda-stage status {env.name} && "
+            f"conda-stage --stage {env.name}")
+    assert r.returncode == 0, r.stderr
+    assert (env.parent / f"{env.name}.tar.gz").is_file()
+    assert not (env.parent / f"{env.name}.tar.zst").exists()
+    assert "tar.gz, " in r.stdout
+    staged = r.stdout.strip().splitlines()[-1]
+    assert staged.startswith(f"{user_tmp}/conda-stage-") and os.path.isdir(f"{staged}/conda-meta")
+
+
+def test_files_deleted_behind_conda_get_a_clear_error(new_env, run):
+    env = new_env()
+    os.unlink(env / "etc" / "prefix-probe" / "config.ini")  # as pip clobbering would
+    r = run(f"conda-stage --pack {env.name}")
+    assert r.returncode == 1
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("ERROR:")]
+    assert len(errors) == 1 and "deleted or overwritten" in errors[0]
+    assert "prefix-probe 1.0.0" in errors[0] and "--ignore-missing-files" in errors[0]
+    r = run(f"conda-stage --pack --ignore-missing-files {env.name}")
+    assert r.returncode == 0, r.stderr

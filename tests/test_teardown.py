@@ -47,3 +47,32 @@ def test_remove_tree_handles_read_only_trees_files_and_links(tmp_path):
     remove_tree(f)
     assert not f.exists()
     remove_tree(tmp_path / "missing")
+
+
+def test_epilog_is_idempotent_and_cleans_half_finished_prologs(tmp_path):
+    """The epilog logic on a job folder as a killed prolog leaves it: a
+    complete read-only copy, a partial extraction, no manifest."""
+    import logging
+
+    from conda_stage.config import Config
+    from conda_stage.job import Job
+    from conda_stage.jobstage import epilog
+    from conda_stage.privileges import Account
+    from conda_stage.request import Request
+
+    workdir = tmp_path / "jobs" / "42"
+    done = workdir / "envs" / "a" / "lib"
+    done.mkdir(parents=True)
+    (done / "x.so").write_text("x")
+    partial = workdir / "envs" / ".b.partial-123" / "bin"
+    partial.mkdir(parents=True)
+    for p in (done, done.parent, partial, partial.parent, workdir / "envs"):
+        p.chmod(0o555)
+    job = Job(scheduler="slurm", job_id="42", task_id=None,
+              account=Account.lookup(uid=os.getuid()), request=Request(),
+              workdir=workdir, workdir_owned_by_root=True)
+    log = logging.getLogger("test-epilog")
+    epilog(job, Config(), log)
+    assert not workdir.exists()
+    epilog(job, Config(), log)  # twice: nothing to do, no error
+    assert os.listdir(tmp_path / "jobs") == []
