@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from plumbum import cli
 from plumbum.cli.application import (ShowCompletion, ShowHelp, ShowHelpAll,
@@ -61,7 +62,7 @@ class CondaStage(_App):
              "    conda-stage --stage [--writable] [--path DIR] [ENV]\n"
              "    conda-stage --unstage [STAGED_PREFIX]\n"
              "    conda-stage status [ENV]\n"
-             "    conda-stage gc [--dry-run]\n")
+             "    conda-stage gc [--dry-run] [--jobs]\n")
 
     auto_stage = cli.SwitchAttr(
         "--auto-stage", cli.Set("enable", "disable"), group="Actions",
@@ -171,15 +172,23 @@ class Status(_App):
 @CondaStage.subcommand("gc")
 class Gc(_App):
     """Remove staged copies (in $TMPDIR or /tmp) whose shell has exited without
-    'conda deactivate'."""
+    'conda deactivate'.  With --jobs (as root): remove Slurm job folders of jobs
+    that are no longer running (e.g. the node crashed before the epilog)."""
 
     dry_run = cli.Flag("--dry-run", help="Only list what would be removed")
+    jobs = cli.Flag("--jobs", help="Collect Slurm job folders in the staging folder "
+                                   "of /etc/default/conda-stage (as root)")
 
     def main(self):
-        from .gc import collect
+        from .gc import collect, collect_jobs
         from .store import staging_base
 
-        collect(staging_base(), dry_run=self.dry_run)
+        if self.jobs:
+            from .config import Config
+
+            collect_jobs(Path(Config.load().staging_dir), dry_run=self.dry_run)
+        else:
+            collect(staging_base(), dry_run=self.dry_run)
         return 0
 
 

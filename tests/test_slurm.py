@@ -6,6 +6,8 @@ left, the node is not drained, the original environment and its tarball are
 untouched."""
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -268,3 +270,70 @@ def test_stale_tarball_is_reported_never_rebuilt_by_the_prolog(slurm_job, cluste
         assert env.snapshot() == before
     finally:
         remove_env(conda_site, conda_user, env)
+
+
+def test_hostile_tarball_is_refused_by_the_root_prolog(slurm_job, cluster, conda_site, conda_user,
+                                                       stage_bin, tmp_path):
+    """A user crafts a tarball (and a matching sidecar) with members escaping
+    the job folder: the prolog refuses it, nothing is written outside, the
+    job runs unstaged and the node stays up."""
+    import io
+    import json
+    import tarfile
+
+    import zstandard
+
+    env = enable_env(conda_site, conda_user, stage_bin, "sl-hostile", packages=("prefix-probe",))
+    target = STAGING / "planted"
+    try:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for name, kind in (("conda-meta/history", "file"), ("lib", "dir"),
+                               ("lib/escape", "sym"), ("lib/escape/planted", "file")):
+                ti = tarfile.TarInfo(name)
+                if kind == "file":
+                    ti.size = 6
+                    tar.addfile(ti, io.BytesIO(b"owned\n"))
+                elif kind == "dir":
+                    ti.type = tarfile.DIRTYPE
+                    tar.addfile(ti)
+                else:
+                    ti.type, ti.linkname = tarfile.SYMTYPE, "../../.."
+                    tar.addfile(ti)
+        env.tarball.write_bytes(zstandard.ZstdCompressor().compress(buf.getvalue()))
+        sidecar = env.prefix.parent / f"{env.name}.conda-stage.json"
+        meta = json.loads(sidecar.read_text())
+        st = os.stat(env.tarball)
+        meta.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
+        sidecar.write_text(json.dumps(meta))
+        os.chown(env.tarball, conda_user.uid, conda_user.gid)
+        os.chown(sidecar, conda_user.uid, conda_user.gid)
+        jid = slurm_job('echo "envs_path=${CONDA_ENVS_PATH:-unset}"',
+                        f"--comment=conda_env={env.name}")
+        assert cluster.wait(jid)["JobState"] == "COMPLETED"
+        out = cluster.output(jid)
+        assert values(out)["envs_path"] == "unset"
+        assert (f"conda-stage: not staging {env.name}: Refusing symlink 'lib/escape' -> "
+                f"'../../..': it points outside the environment") in out
+        assert not target.exists()
+    finally:
+        remove_env(conda_site, conda_user, env)
+
+
+def test_gc_jobs_removes_folders_of_jobs_slurm_no_longer_runs(slurm_job, cluster, site_envs):
+    env = site_envs["jup"]
+    jid = slurm_job(RUN_FROM_COPY.format(name=env.name), f"--comment=conda_env={env.name}")
+    _wait_for_output(cluster, jid, "ready")
+    # What a crash that skipped the epilog leaves behind, for a job long gone:
+    orphan = STAGING / "7"
+    (orphan / "envs" / "x" / "bin").mkdir(parents=True)
+    for p in (orphan / "envs" / "x" / "bin", orphan / "envs" / "x", orphan / "envs"):
+        p.chmod(0o555)
+    r = subprocess.run([str(Path(sys.prefix) / "bin" / "conda-stage"), "gc", "--jobs"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"INFO: Removing {orphan} (job 7 is not running)" in r.stderr
+    assert not orphan.exists()
+    assert (STAGING / jid / "envs" / env.name).is_dir()  # running: kept
+    cluster.cancel(jid)
+    cluster.wait(jid)
