@@ -330,7 +330,8 @@ def test_gc_jobs_removes_folders_of_jobs_slurm_no_longer_runs(slurm_job, cluster
     for p in (orphan / "envs" / "x" / "bin", orphan / "envs" / "x", orphan / "envs"):
         p.chmod(0o555)
     r = subprocess.run([str(Path(sys.prefix) / "bin" / "conda-stage"), "gc", "--jobs"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, **cluster.env})
     assert r.returncode == 0, r.stderr
     assert f"INFO: Removing {orphan} (job 7 is not running)" in r.stderr
     assert not orphan.exists()

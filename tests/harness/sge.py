@@ -152,6 +152,21 @@ class SgeCluster:
         self._current = dict(self._baseline)   # what configure() last set
         self._counter = 0
 
+    def install_file(self, src: Path | str, name: str | None = None, mode: int = 0o755) -> Path:
+        """Copy ``src`` into ``base/hooks/`` (root-owned, world-readable) and
+        return the copy: the JSV runs as the admin user and job-owner hooks as
+        the job user, and the checkout may not be readable by them."""
+        folder = self.base / "hooks"
+        folder.mkdir(parents=True, exist_ok=True)
+        for p in (self.base, folder):
+            p.chmod(0o755)
+        dst = folder / (name or Path(src).name)
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.copyfile(src, tmp)
+        tmp.chmod(mode)
+        os.replace(tmp, dst)
+        return dst
+
     # ------------------------------------------------------------ commands
     def run(self, argv, *, timeout=30, check=True, input=None) -> subprocess.CompletedProcess:
         """Run a gridengine (or any) command as root in the clean SGE environment."""
@@ -467,7 +482,8 @@ class SgeCluster:
     # ------------------------------------------------------------ probe hook
     def probe_hook(self, kind: str, root: bool = True) -> str:
         """Queue prolog/epilog value running files/sge/probe_hook.sh (see its header)."""
-        return f"{'root@' if root else ''}{PROBE_HOOK} {kind} {self.probe_dir}"
+        hook = self.install_file(PROBE_HOOK)
+        return f"{'root@' if root else ''}{hook} {kind} {self.probe_dir}"
 
     def probe_control(self, kind: str, *, append: str | None = None, sh: str | None = None,
                       exit: int | None = None, sleep: float | None = None) -> None:
@@ -734,7 +750,7 @@ if pytest is not None:
         if os.geteuid() != 0:
             pytest.skip("SGE tests need root")
         cluster = SgeCluster()
-        cluster.up(jsv=JSV_SCRIPT)
+        cluster.up(jsv=cluster.install_file(JSV_SCRIPT))
         yield cluster
         if os.environ.get("CONDA_STAGE_KEEP_SGE") != "1":
             cluster.down(wipe=True)
