@@ -225,3 +225,20 @@ def test_job_owner_prolog_without_root(sge_job, cluster, hooks, site_envs):
     assert v["prefix"] == f"{v['tmpdir']}/conda-stage/envs/{env.name}", out
     assert "INFO: Using the copy staged for this job:" in out
     assert out.count("INFO: Total extract time:") == 1
+
+
+def test_without_the_jsv_the_prolog_reads_the_request_with_qstat(sge_job, cluster, site_envs):
+    """The documented fallback: the complex attached to the queue with a
+    fixed value, no JSV, CONDA_STAGE_SGE_READ_QSTAT=yes."""
+    env = site_envs["jup"]
+    cluster.configure(jsv=None)
+    cluster.qconf("-mattr", "queue", "complex_values", f"conda_env={env.name}", "all.q")
+    cluster.defaults.update(sge_read_qstat="yes")
+    try:
+        jid = sge_job(PROBE.format(name=env.name), "-l", f"conda_env={env.name}")
+        cluster.wait(jid)
+        v = values(cluster.output(jid))
+        assert v["prefix"] == f"{v['tmpdir']}/conda-stage/envs/{env.name}"
+    finally:
+        cluster.defaults.update(sge_read_qstat="no")
+        cluster.qconf("-rattr", "queue", "complex_values", "NONE", "all.q")
