@@ -5,20 +5,27 @@ conda-managed files from the package cache with their build-time prefix
 placeholders, spotting editable installs and files clobbered by pip, and
 collecting the prefix records -- through its public ``CondaEnv`` API and its
 ``Packer``.  This module adds what a shared cluster needs: multi-threaded
-zstd, a tar writer that does not look up user names for every file, a
-temporary name and a rename, a lock so two shells or jobs never pack the
-same environment at once, and the sidecar describing the result.
+zstd, a tar writer that does not look up user names for every file,
+read-ahead of the files with several threads (on a shared filesystem every
+open is a round trip to a server; done one after the other they dominate the
+time), a temporary name and a rename, a lock so two shells or jobs never
+pack the same environment at once, and the sidecar describing the result.
 """
 from __future__ import annotations
 
+import builtins
+import contextlib
 import datetime
+import io
 import os
 import re
 import stat
 import tarfile
 import tempfile
+import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 from . import __version__, formats, output
 from .errors import PackError
@@ -28,16 +35,130 @@ from .resolve import Env
 from .tarball import Meta, Tarball, current_umask
 
 
+_READ_AHEAD_THREADS = 8
+_READ_AHEAD_FILES = 128
+_READ_AHEAD_MAX_FILE = 1 << 20  # bigger files are read when their turn comes
+
+
+class _ReadAhead:
+    """Stat and read the files about to be packed, a window ahead, in threads.
+
+    ``take(path)`` hands over what was read -- ``(lstat result, bytes or
+    None)`` -- once; a file that could not be read ahead (too big, an error)
+    is simply read again by the caller, who then sees the real error.
+    """
+
+    def __init__(self, paths: list[str], threads: int = _READ_AHEAD_THREADS,
+                 window: int = _READ_AHEAD_FILES):
+        self._paths = paths
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="conda-stage-read")
+        self._futures: dict[str, object] = {}
+        self._taken: dict[str, os.stat_result] = {}  # stat of what conda-pack read itself
+        self._next = 0
+        self._window = window
+        self._lock = threading.Lock()
+        self._fill()
+
+    @staticmethod
+    def _read(path: str):
+        try:
+            st = os.lstat(path)
+            data = None
+            if stat.S_ISREG(st.st_mode) and st.st_size <= _READ_AHEAD_MAX_FILE:
+                with builtins.open(path, "rb") as fh:
+                    data = fh.read()
+                if len(data) != st.st_size:
+                    return None  # changing under us: let the caller read it
+            return st, data
+        except OSError:
+            return None
+
+    def _fill(self) -> None:
+        while self._next < len(self._paths) and len(self._futures) < self._window:
+            path = self._paths[self._next]
+            self._next += 1
+            if path not in self._futures:
+                self._futures[path] = self._pool.submit(self._read, path)
+
+    def take(self, path: str, keep_stat: bool = False):
+        with self._lock:
+            fut = self._futures.pop(path, None)
+            self._fill()
+        got = fut.result() if fut is not None else None
+        if keep_stat and got is not None:
+            self._taken[path] = got[0]
+        return got
+
+    def taken_stat(self, path: str):
+        """The lstat result of a file whose data conda-pack took (once)."""
+        return self._taken.pop(path, None)
+
+    def close(self) -> None:
+        for fut in self._futures.values():
+            fut.cancel()
+        self._pool.shutdown(wait=True)
+
+
+_LOCAL_FS = {"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "jfs", "reiserfs",
+             "tmpfs", "ramfs", "overlay", "squashfs", "vfat", "exfat"}
+
+
+def _on_shared_fs(path) -> bool:
+    """Whether ``path`` is on a network or FUSE filesystem (NFS, Lustre, BeeGFS,
+    GPFS, CephFS, ...), where each open waits for a server.  On local disks
+    reading ahead in threads only adds overhead."""
+    path = os.path.realpath(path)
+    best, fstype = "", None
+    try:
+        with open("/proc/self/mountinfo", "rb") as fh:
+            for line in fh:
+                fields = line.decode("utf-8", "surrogateescape").split()
+                mp = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+                if (path == mp or path.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
+                    best, fstype = mp, fields[fields.index("-") + 1]
+    except (OSError, ValueError, IndexError):
+        return False
+    return fstype is not None and fstype not in _LOCAL_FS
+
+
+@contextlib.contextmanager
+def _conda_pack_reads_from(ahead: _ReadAhead | None):
+    """Let conda-pack's own ``open(path)`` / ``open(path, 'rb')`` calls in
+    ``Packer.add`` (unmanaged files, conda-meta records) be served from the
+    read-ahead.  Anything else goes to the real ``open``."""
+    import conda_pack.core as core
+
+    if ahead is None:
+        yield
+        return
+
+    def read_ahead_open(file, mode="r", *args, **kwargs):
+        if not args and not kwargs and mode in ("r", "rb") and isinstance(file, str):
+            got = ahead.take(file, keep_stat=True)
+            if got is not None and got[1] is not None:
+                raw = io.BytesIO(got[1])
+                return raw if mode == "rb" else io.TextIOWrapper(raw)
+        return builtins.open(file, mode, *args, **kwargs)
+
+    core.open = read_ahead_open  # a module global shadows the builtin
+    try:
+        yield
+    finally:
+        del core.open
+
+
 class _TarWriter:
     """The ``add``/``add_bytes`` interface conda-pack's ``Packer`` writes to."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, ahead: _ReadAhead | None = None):
         self.tar = tarfile.open(fileobj=stream, mode="w", format=tarfile.PAX_FORMAT)
         self._inodes: dict[tuple[int, int], str] = {}
         self.files = 0
+        self._ahead = ahead
 
-    def _info(self, source: str, target: str) -> tarfile.TarInfo:
-        st = os.lstat(source)
+    def _info(self, source: str, target: str, st=None) -> tarfile.TarInfo:
+        if st is None:
+            st = os.lstat(source)
         ti = tarfile.TarInfo(target)
         ti.mode = stat.S_IMODE(st.st_mode)
         ti.mtime = int(st.st_mtime)  # whole seconds: no PAX header per member
@@ -57,18 +178,21 @@ class _TarWriter:
         return ti
 
     def add(self, source: str, target: str) -> None:
-        ti = self._info(source, target)
+        got = self._ahead.take(source) if self._ahead is not None else None
+        ti = self._info(source, target, got[0] if got else None)
         self.files += 1
         if ti.type == tarfile.REGTYPE:
-            with open(source, "rb") as fh:
-                self.tar.addfile(ti, fh)
+            if got is not None and got[1] is not None:
+                self.tar.addfile(ti, io.BytesIO(got[1]))
+            else:
+                with open(source, "rb") as fh:
+                    self.tar.addfile(ti, fh)
         else:
             self.tar.addfile(ti)
 
     def add_bytes(self, source: str, data: bytes, target: str) -> None:
-        import io
-
-        ti = self._info(source, target)
+        st = self._ahead.taken_stat(source) if self._ahead is not None else None
+        ti = self._info(source, target, st)
         ti.type, ti.size, ti.linkname = tarfile.REGTYPE, len(data), ""
         self.files += 1
         self.tar.addfile(ti, io.BytesIO(data))
@@ -76,6 +200,15 @@ class _TarWriter:
     def close(self) -> int:
         self.tar.close()
         return self.tar.offset
+
+
+@contextlib.contextmanager
+def _closing(ahead: _ReadAhead | None):
+    try:
+        yield ahead
+    finally:
+        if ahead is not None:
+            ahead.close()
 
 
 def _explain(exc: Exception, env: Env) -> PackError:
@@ -149,10 +282,12 @@ def _pack_locked(tarball: Tarball, fmt: str, level, threads, ignore_missing_file
     try:
         with os.fdopen(fd, "wb") as fh:
             stream = formats.compressor(fh, fmt, level, threads)
-            writer = _TarWriter(stream)
-            packer = Packer(str(env.prefix), writer)
             files = list(cenv.files)
-            with output.Progress("Packing", len(files)) as bar:
+            ahead = _ReadAhead([f.source for f in files]) if _on_shared_fs(env.prefix) else None
+            writer = _TarWriter(stream, ahead)
+            packer = Packer(str(env.prefix), writer)
+            with output.Progress("Packing", len(files)) as bar, _closing(ahead), \
+                    _conda_pack_reads_from(ahead):
                 for f in files:
                     try:
                         packer.add(f)

@@ -14,10 +14,10 @@ from .errors import PrefixTooLong
 class Relocator:
     def __init__(self, records, new_prefix: str):
         self.new_prefix = str(new_prefix)
-        self._by_path: dict[str, list[tuple[str, str]]] = {}
+        self._by_path: dict[str, list[tuple[str, str, bytes]]] = {}
         for path, placeholder, mode in records:
             if placeholder and mode in ("text", "binary"):
-                self._by_path.setdefault(path, []).append((placeholder, mode))
+                self._by_path.setdefault(path, []).append((placeholder, mode, placeholder.encode()))
 
     def __len__(self) -> int:
         return len(self._by_path)
@@ -26,10 +26,13 @@ class Relocator:
         return name in self._by_path
 
     def apply(self, name: str, data: bytes) -> bytes:
-        from conda_pack.prefixes import replace_prefix
+        for placeholder, mode, raw in self._by_path[name]:
+            # Most records (every text file pip installed) hold no placeholder:
+            # replace_prefix would return them unchanged, only slower.
+            if raw in data:
+                from conda_pack.prefixes import replace_prefix
 
-        for placeholder, mode in self._by_path[name]:
-            data = replace_prefix(data, mode, placeholder, self.new_prefix)
+                data = replace_prefix(data, mode, placeholder, self.new_prefix)
         return data
 
 
