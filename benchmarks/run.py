@@ -7,7 +7,7 @@ original tool's path.  Not a test: it prints a table and writes JSON, Markdown a
 Run as root from the repository (FUSE mounts, a benchmark user, dropping page caches)
 with a Python that has conda_stage, conda-pack, zstandard and mfusepy (the project's
 install, /opt/conda-stage).  The first run builds the environments (~3 min, cached under
-/var/tmp/conda-stage-bench).  A full run takes ~35 min, --quick ~12 min.  See
+/var/tmp/conda-stage-bench).  A full run takes ~20 min, --quick ~8 min.  See
 benchmarks/README.md for what each number means.
 
 Phases (``--phases``; default all):
@@ -599,7 +599,7 @@ class Bench:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions (~12 min instead of ~35)")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (~8 min instead of ~20)")
     ap.add_argument("--out", default=str(HERE / "results"), help="results folder (default benchmarks/results)")
     ap.add_argument("--phases", default=",".join(PHASES),
                     help=f"comma-separated subset of {','.join(PHASES)}")
