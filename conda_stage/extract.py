@@ -169,15 +169,8 @@ class _Chunks:
             n -= take
 
     def skip(self, n: int) -> None:
-        while n:
-            avail = len(self._buf) - self._pos
-            if not avail:
-                if not self._next_chunk():
-                    raise _corrupt("member data ends early")
-                continue
-            take = min(avail, n)
-            self._pos += take
-            n -= take
+        for _piece in self.pieces(n):
+            pass
 
 
 def _nts(b: bytes) -> str:
