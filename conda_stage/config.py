@@ -1,28 +1,44 @@
-"""Site settings for the scheduler hooks.
+"""Site settings of the scheduler hooks: ``/etc/default/conda-stage`` only.
 
-One file, ``/etc/default/conda-stage`` (or ``$CONDA_STAGE_DEFAULTS``), of
-shell-style ``CONDA_STAGE_<SETTING>=value`` lines: the thin hook wrappers
-source it (so their fast paths and Python agree), and this module parses it.
-Variables of the same names in the environment take precedence.  Missing
-file: the safe defaults below.  ``examples/admin/conda-stage.defaults``
-documents every setting.
+The hooks run as root with an environment the job's owner partly controls
+(SGE hands ``qsub -v`` variables to ``root@`` prologs), so settings come
+from one file at a fixed path and nowhere else -- no environment variable
+overrides it, none names another file.  The file is trusted only when it
+and every folder above it are owned by root and not writable by group or
+others (sshd's StrictModes rule); otherwise the hooks stage nothing and say
+why (``conda-stage doctor`` shows it too).  The file holds shell-style
+``CONDA_STAGE_<SETTING>=value`` lines; it is parsed, never sourced.
+``examples/admin/conda-stage.defaults`` documents every setting.
 """
 from __future__ import annotations
 
 import os
 import shlex
+import stat
 from dataclasses import dataclass, fields
 
-from .errors import UsageError
+from .errors import StageError, UsageError
 
-DEFAULTS_FILE = "/etc/default/conda-stage"
+SITE_FILE = "/etc/default/conda-stage"
+_MAX_SITE_FILE = 64 << 10
+
+
+class UntrustedSettings(StageError):
+    """The site file (or a folder above it) could be changed by a non-root user."""
 
 
 @dataclass
 class Config:
+    # Python of the conda-stage installation; the hook wrappers run it.  Job
+    # users must be able to run it too (Slurm's TaskProlog runs as the user).
+    python: str = "/opt/conda-stage/bin/python"
     # Node-local folder for Slurm jobs' staged copies: <staging_dir>/<job id>.
-    # Keep it short: the copy's path must fit conda's 255-byte binary placeholders.
-    staging_dir: str = "/tmp/conda-stage-jobs"
+    # Created by the root prolog, which refuses it unless it is root-owned and
+    # not writable by others.  Keep it short: the copy's path must fit
+    # conda's 255-byte binary placeholders.
+    staging_dir: str = "/var/lib/conda-stage/jobs"
+    # Root-only folder for the hooks' small state (what each job was told).
+    state_dir: str = "/run/conda-stage"
     # When a declared environment cannot be staged (a user mistake or a
     # failure): "continue" runs the job unstaged and says why; "hold" holds
     # the job (Slurm: scontrol requeuehold; SGE: prolog exit 100 -> Eqw).
@@ -38,16 +54,23 @@ class Config:
     # Seconds to wait for a lock held by another process packing the same
     # environment (a prolog never packs: it only reads the tarball).
     lock_timeout: float = 600.0
+    # Seconds a prolog may spend staging, all environments together; what is
+    # not staged by then is skipped and the job runs without it.
+    prolog_budget: float = 120.0
     # SGE without the JSV: read the conda_env request with 'qstat -j' (one
     # qstat call per job, also for jobs that request nothing).
     sge_read_qstat: bool = False
+    # SGE installation, for 'qstat' (never taken from the job's environment).
+    sge_root: str = "/var/lib/gridengine"
+    sge_cell: str = "default"
 
     @classmethod
-    def load(cls, environ=None) -> "Config":
-        environ = os.environ if environ is None else environ
-        path = environ.get("CONDA_STAGE_DEFAULTS") or DEFAULTS_FILE
-        values = read_defaults(path)
-        values.update({k: v for k, v in environ.items() if k.startswith("CONDA_STAGE_")})
+    def load(cls, path: str = SITE_FILE) -> "Config":
+        """The site settings; defaults when the file does not exist.  Raises
+        :class:`UntrustedSettings` when it exists but is not safe to trust,
+        :class:`UsageError` when a line is malformed."""
+        text = read_trusted(path)
+        values = parse_defaults(text, path) if text is not None else {}
         config = cls()
         for f in fields(cls):
             raw = values.get("CONDA_STAGE_" + f.name.upper())
@@ -56,18 +79,73 @@ class Config:
         if config.on_error not in ("continue", "hold"):
             raise UsageError(f"CONDA_STAGE_ON_ERROR must be 'continue' or 'hold', "
                              f"not {config.on_error!r}")
+        for name in ("python", "staging_dir", "state_dir", "log_file", "conda_root", "sge_root"):
+            value = getattr(config, name)
+            if value and (not os.path.isabs(value) or not value.isprintable()):
+                raise UsageError(f"CONDA_STAGE_{name.upper()} must be an absolute path, "
+                                 f"not {value!r}")
+        if config.prolog_budget <= 0 or config.lock_timeout < 0:
+            raise UsageError("CONDA_STAGE_PROLOG_BUDGET and CONDA_STAGE_LOCK_TIMEOUT "
+                             "must be positive numbers of seconds")
         return config
 
 
-def read_defaults(path: str) -> dict[str, str]:
+def trust_problem(path: str) -> str | None:
+    """Why ``path`` (a file that may not exist) cannot be trusted as root's
+    input, or None.  Every folder from ``/`` down and the file itself must
+    be owned by root, not writable by group or others (a sticky folder
+    above it may be), and not a symlink."""
+    path = os.path.abspath(path)
+    parts = path.strip("/").split("/")
+    current = "/"
+    for i, part in enumerate([""] + parts):
+        current = os.path.join(current, part) if part else "/"
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            return None  # nothing below a missing folder can exist either
+        except OSError as exc:
+            return f"cannot check {current}: {exc.strerror}"
+        last = i == len(parts)
+        if stat.S_ISLNK(st.st_mode):
+            return f"{current} is a symlink"
+        if not last and not stat.S_ISDIR(st.st_mode):
+            return f"{current} is not a folder"
+        if last and not stat.S_ISREG(st.st_mode):
+            return f"{current} is not a regular file"
+        if st.st_uid != 0:
+            return f"{current} is owned by uid {st.st_uid}, not root"
+        # A sticky folder (/tmp) above is fine: only root renames root's entries.
+        if st.st_mode & 0o022 and (last or not st.st_mode & stat.S_ISVTX):
+            return f"{current} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def read_trusted(path: str) -> str | None:
+    """The text of a root-only file, or None if it does not exist."""
+    problem = trust_problem(path)
+    if problem is not None:
+        raise UntrustedSettings(f"not using {path}: {problem}")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise UntrustedSettings(f"cannot read {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+            raise UntrustedSettings(f"not using {path}: it changed while being checked")
+        data = fh.read(_MAX_SITE_FILE + 1)
+    if len(data) > _MAX_SITE_FILE:
+        raise UsageError(f"{path} is larger than {_MAX_SITE_FILE} bytes")
+    return data.decode("utf-8", "replace")
+
+
+def parse_defaults(text: str, path: str = SITE_FILE) -> dict[str, str]:
     """``KEY=value`` lines of a shell defaults file (comments, quotes and a
     leading ``export`` allowed; no expansions)."""
     values: dict[str, str] = {}
-    try:
-        with open(path) as fh:
-            text = fh.read()
-    except OSError:
-        return values
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):

@@ -1,76 +1,130 @@
 """``conda-stage gc``: remove staged copies nobody will clean up.
 
-Mark what is in use, delete the rest:
+Mark what is in use, delete the rest, carry on past what cannot be removed
+(and say so):
 
 * interactive copies (``$TMPDIR/conda-stage-*/NAME``) whose shell has exited
-  without ``conda deactivate`` -- run by the user;
-* with ``--jobs``, Slurm job folders (``<staging dir>/<job id>``) of jobs the
-  scheduler no longer runs, e.g. after a node crash that skipped the epilog
-  -- run by root (a cron job or a node health check).  SGE needs no such
-  pass: execd deletes each job's TMPDIR.
+  without ``conda deactivate``, and half-written ``.NAME.partial-PID``
+  folders of staging processes that were killed -- run by the user;
+* with ``--jobs``, Slurm job folders (``<staging dir>/<job id>``) and their
+  manifests of jobs the scheduler no longer runs, e.g. after a node crash
+  that skipped the epilog -- run by root (a cron job or a node health
+  check).  SGE needs no such pass: execd deletes each job's TMPDIR.
 """
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
+import re
 from pathlib import Path
 
 from . import output
 from .errors import StageError
-from .store import find_copies, owner_alive, remove_copy
+from .jobdir import JobDir, UnsafeBase, open_base, valid_key
+from .store import PARENT_PREFIX, find_copies, owner_alive, remove_copy, remove_tree
+
+_PARTIAL = re.compile(r"^\.(.+)\.partial-([0-9]+)$")
 
 
 def collect(base: Path, *, dry_run: bool = False) -> list[Path]:
-    removed = []
-    for path, marker in list(find_copies(base)):
-        if marker.mode != "interactive" or owner_alive(marker):
-            continue
+    removed, failed = [], []
+
+    def drop(path: Path, why: str, remove) -> None:
         if dry_run:
-            output.info(f"Would remove {path} (shell {marker.owner_pid} is gone)")
-        else:
-            output.info(f"Removing {path} (shell {marker.owner_pid} is gone)")
-            remove_copy(path, marker)
-        removed.append(path)
-    if not removed:
+            output.info(f"Would remove {path} ({why})")
+            removed.append(path)
+            return
+        output.info(f"Removing {path} ({why})")
+        try:
+            remove()
+            removed.append(path)
+        except OSError as exc:
+            output.warn(f"Cannot remove {path}: {exc.strerror or exc}")
+            failed.append(path)
+
+    for path, marker in list(find_copies(base)):
+        if marker.mode == "interactive" and not owner_alive(marker):
+            drop(path, f"shell {marker.owner_pid} is gone",
+                 lambda p=path, m=marker: remove_copy(p, m))
+    for path in _dead_partials(base):
+        drop(path, "left by a staging process that was killed", lambda p=path: _remove_partial(p))
+    if not removed and not failed:
         output.info(f"Nothing to collect in {base}")
     return removed
 
 
-def slurm_job_active(job_id: str) -> bool:
-    """Whether Slurm still knows ``job_id`` as pending, running or completing."""
+def _dead_partials(base: Path):
+    """``conda-stage-*/.NAME.partial-PID`` folders of the current user whose
+    process is gone."""
+    import psutil
+
+    uid = os.getuid()
     try:
-        r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
-                           text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise StageError(f"Cannot ask Slurm about job {job_id}: {exc}") from None
-    if r.returncode != 0:
-        if "Invalid job id" in r.stderr:
-            return False
-        raise StageError(f"Cannot ask Slurm about job {job_id}: {r.stderr.strip()}")
-    return bool(r.stdout.strip())
+        parents = [e for e in os.scandir(base) if e.name.startswith(PARENT_PREFIX)
+                   and e.is_dir(follow_symlinks=False) and e.stat(follow_symlinks=False).st_uid == uid]
+    except OSError:
+        return
+    for parent in parents:
+        try:
+            entries = list(os.scandir(parent.path))
+        except OSError:
+            continue
+        for entry in entries:
+            m = _PARTIAL.match(entry.name)
+            if m and entry.is_dir(follow_symlinks=False) and not psutil.pid_exists(int(m.group(2))):
+                yield Path(entry.path)
 
 
-def collect_jobs(staging_dir: Path, *, dry_run: bool = False,
-                 is_active=slurm_job_active) -> list[Path]:
+def _remove_partial(path: Path) -> None:
+    remove_tree(path)
+    try:
+        path.parent.rmdir()  # the conda-stage-XXXX folder made for it, if now empty
+    except OSError:
+        pass
+
+
+def collect_jobs(staging_dir: Path, state_dir: Path, is_active, *,
+                 dry_run: bool = False) -> list[Path]:
+    """(root) Job folders and manifests of jobs that ``is_active(job_id)``
+    says no longer run."""
     if os.geteuid() != 0:
         raise StageError("'conda-stage gc --jobs' removes other users' job folders: run it as root")
-    removed = []
-    try:
-        entries = sorted(os.scandir(staging_dir), key=lambda e: e.name)
-    except FileNotFoundError:
-        entries = []
-    for entry in entries:
-        if not entry.name.isdigit() or is_active(entry.name):
+    keys = set()
+    for folder, strip in ((staging_dir, ""), (state_dir, ".json")):
+        try:
+            fd = open_base(str(folder), create=False)
+        except UnsafeBase as exc:
+            if "does not exist" not in str(exc):
+                output.warn(f"Not collecting in {folder}: {exc}")
             continue
+        try:
+            names = os.listdir(fd)
+        finally:
+            os.close(fd)
+        keys |= {n[:len(n) - len(strip)] for n in names
+                 if n.endswith(strip) and valid_key(n[:len(n) - len(strip)])}
+    removed, failed = [], []
+    for key in sorted(keys, key=lambda k: [int(p) for p in k.split(".")]):
+        try:
+            if is_active(key.split(".")[0]):
+                continue
+        except StageError as exc:
+            output.warn(str(exc))
+            failed.append(key)
+            continue
+        job = JobDir(str(staging_dir), str(state_dir), key)
         verb = "Would remove" if dry_run else "Removing"
-        output.info(f"{verb} {entry.path} (job {entry.name} is not running)")
-        if not dry_run:
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)  # fd-based, never follows symlinks
-            else:
-                os.unlink(entry.path)
-        removed.append(Path(entry.path))
-    if not removed:
+        output.info(f"{verb} {job.path} (job {key} is not running)")
+        if dry_run:
+            removed.append(job.path)
+            continue
+        try:
+            job.remove()
+            removed.append(job.path)
+        except (OSError, UnsafeBase) as exc:
+            output.warn(f"Cannot remove {job.path}: {getattr(exc, 'strerror', None) or exc}")
+            failed.append(key)
+    if not removed and not failed:
         output.info(f"Nothing to collect in {staging_dir}")
+    if failed:
+        raise StageError(f"{len(failed)} job folder(s) could not be collected: {', '.join(failed)}")
     return removed

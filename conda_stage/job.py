@@ -1,21 +1,38 @@
-"""One view of a batch job, whatever the scheduler.
+"""One view of a batch job, whatever the scheduler, and one adapter per
+scheduler holding both what the hooks take from it and what they ask of it.
 
-Each scheduler adapter maps *its* environment variables onto :class:`Job`
-through a declarative table; nothing else in conda-stage reads scheduler
-variables.  The prolog/epilog logic (``jobstage``) is written once against
-this view.
+Each adapter maps *its* variables onto :class:`Job` through one declarative
+table -- nothing else in conda-stage reads scheduler variables -- and
+carries the scheduler's actions: hand variables to the job, hold it, tell
+whether a job still runs.  What a root hook takes from its environment is
+exactly the table, validated; everything else there is ignored (SGE passes
+the job owner's ``qsub -v`` variables to ``root@`` prologs).
 """
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 from .config import Config
+from .errors import StageError
+from .jobdir import JobDir, valid_key
 from .privileges import Account
 from .request import Request, parse_text, parse_value
+
+# Job variables that influence how conda finds environments by name; they
+# are handed to the staging child, which runs as the job user.
+CONDA_VARS = ("CONDA_ENVS_PATH", "CONDA_ENVS_DIRS", "CONDARC", "CONDA_EXE",
+              "CONDA_ROOT_PREFIX", "CONDA_ROOT", "XDG_CONFIG_HOME")
+_ID = re.compile(r"^[0-9]{1,20}$")
+_MAX_VALUE = 4096
+
+
+class NotAJob(StageError):
+    """The hook did not run where a scheduler runs it (or was lied to)."""
 
 
 @dataclass
@@ -25,10 +42,9 @@ class Job:
     task_id: str | None
     account: Account
     request: Request
-    workdir: Path  # node-local folder for this job's staged copies
-    workdir_owned_by_root: bool  # created (and finally removed) by the root hook
+    workdir: Path  # the folder the job's copies are staged under
+    folder: JobDir | None = None  # root-made job folder (Slurm)
     node: str = ""
-    tmpdir: Path | None = None
     spool_dir: Path | None = None
     environ: dict = field(default_factory=dict)  # job variables relevant to conda
 
@@ -42,17 +58,27 @@ class Job:
         return self.workdir / "envs"
 
 
-# Job variables that influence how conda finds environments by name.
-CONDA_VARS = ("CONDA_ENVS_PATH", "CONDA_ENVS_DIRS", "CONDARC", "CONDA_EXE",
-              "CONDA_ROOT_PREFIX", "CONDA_ROOT", "XDG_CONFIG_HOME")
+def _conda_vars(environ: Mapping[str, str]) -> dict:
+    return {k: environ[k] for k in CONDA_VARS
+            if environ.get(k) and len(environ[k]) <= _MAX_VALUE and "\0" not in environ[k]}
 
 
+def _job_id(value: str | None, var: str) -> str:
+    if not value or not _ID.match(value):
+        raise NotAJob(f"{var}={value!r} is not a job id: not running as a scheduler hook")
+    return value
+
+
+# ----------------------------------------------------------------- Slurm
 class SlurmAdapter:
+    name = "slurm"
+    # Slurm builds its hooks' environment itself: no user variable reaches a
+    # Prolog/Epilog, and the comment is the user's free text (parsed, never
+    # used as a path).
     _env = {
         "job_id": "SLURM_JOB_ID",
         "uid": "SLURM_JOB_UID",
         "gid": "SLURM_JOB_GID",
-        "user": "SLURM_JOB_USER",
         "comment": "SLURM_JOB_COMMENT",
         "extra": "SLURM_JOB_EXTRA",
         "node": "SLURMD_NODENAME",
@@ -61,79 +87,142 @@ class SlurmAdapter:
     @classmethod
     def job(cls, environ: Mapping[str, str], config: Config) -> Job:
         v = {key: environ.get(var) for key, var in cls._env.items()}
-        if not v["job_id"]:
-            raise KeyError("SLURM_JOB_ID is not set: not running as a Slurm hook")
-        if v["uid"] is not None:
-            account = Account.lookup(uid=int(v["uid"]), gid=v["gid"])
+        job_id = _job_id(v["job_id"], "SLURM_JOB_ID")
+        if os.geteuid() == 0:
+            uid = _job_id(v["uid"], "SLURM_JOB_UID")
+            account = Account.lookup(uid=int(uid), gid=_job_id(v["gid"], "SLURM_JOB_GID"))
         else:  # TaskProlog: runs as the job user
             account = Account.lookup(uid=os.getuid(), gid=os.getgid())
-        return Job(
-            scheduler="slurm", job_id=v["job_id"], task_id=None, account=account,
-            request=parse_text(v["comment"], v["extra"]),
-            workdir=Path(config.staging_dir) / v["job_id"], workdir_owned_by_root=True,
-            node=v["node"] or "",
-            environ={k: environ[k] for k in CONDA_VARS if environ.get(k)})
+        folder = JobDir(config.staging_dir, config.state_dir, job_id)
+        return Job(scheduler=cls.name, job_id=job_id, task_id=None, account=account,
+                   request=parse_text(v["comment"], v["extra"]), workdir=folder.path,
+                   folder=folder, node=v["node"] or "")
+
+    @staticmethod
+    def hold(job: Job, reason: str, log) -> int:
+        log.warning(f"{job.label}: holding the job (on_error = hold): {reason}")
+        try:
+            subprocess.run(["scontrol", "requeuehold", job.job_id], timeout=60,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.error(f"{job.label}: scontrol requeuehold failed: {exc}")
+        return 0
+
+    @staticmethod
+    def is_alive(job_id: str) -> bool:
+        """Whether Slurm still knows ``job_id`` as pending, running or completing."""
+        try:
+            r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                               text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise StageError(f"Cannot ask Slurm about job {job_id}: {exc}") from None
+        if r.returncode != 0:
+            if "Invalid job id" in r.stderr:
+                return False
+            raise StageError(f"Cannot ask Slurm about job {job_id}: {r.stderr.strip()}")
+        return bool(r.stdout.strip())
 
 
+# ------------------------------------------------------------------- SGE
 class SgeAdapter:
+    name = "sge"
+    # Only the request comes from the job's environment (the JSV put it
+    # there; the names are validated again).  Who the job is comes from the
+    # shepherd's spool folder, which execd wrote and the user cannot.
     _env = {
+        "envs": "CONDA_STAGE_ENVS",
         "job_id": "JOB_ID",
         "task_id": "SGE_TASK_ID",
-        "user": "USER",
-        "envs": "CONDA_STAGE_ENVS",
-        "spool": "SGE_JOB_SPOOL_DIR",
         "tmpdir": "TMPDIR",
         "tmp": "TMP",
+        "spool": "SGE_JOB_SPOOL_DIR",
         "node": "HOSTNAME",
     }
+    # Keys of the spool folder's ``config`` file.
+    _spool = {"job_id": "job_id", "task_id": "ja_task_id", "owner": "job_owner",
+              "tmpdir": "tmpdir"}
 
     @classmethod
     def job(cls, environ: Mapping[str, str], config: Config) -> Job:
         v = {key: environ.get(var) for key, var in cls._env.items()}
-        if not v["job_id"]:
-            raise KeyError("JOB_ID is not set: not running as an SGE prolog/epilog")
-        spool = Path(v["spool"]) if v["spool"] else None
-        spool_conf = _read_spool_config(spool)
-        owner = spool_conf.get("job_owner") or v["user"]
-        account = Account.lookup(user=owner)
-        # A root prolog loses TMPDIR (glibc secure-exec); TMP survives.
-        tmpdir = v["tmpdir"] or v["tmp"] or spool_conf.get("tmpdir")
+        if os.geteuid() == 0:
+            spool = shepherd_spool_dir()
+            conf = read_spool_config(spool)
+            job_id = _job_id(conf.get(cls._spool["job_id"]), f"{spool}/config job_id")
+            task = conf.get(cls._spool["task_id"])
+            account = Account.lookup(user=conf.get(cls._spool["owner"]) or "")
+            tmpdir = conf.get(cls._spool["tmpdir"])
+        else:  # a job-owner prolog: acts for whoever runs it, nobody else
+            job_id = _job_id(v["job_id"], "JOB_ID")
+            task = v["task_id"]
+            spool = Path(v["spool"]) if v["spool"] else None
+            account = Account.lookup(uid=os.getuid(), gid=os.getgid())
+            tmpdir = v["tmpdir"] or v["tmp"]
+        task = task if task and task not in ("0", "undefined") and _ID.match(task) else None
         if v["envs"] is not None:
             request = parse_value(v["envs"])
         elif config.sge_read_qstat:
-            request = parse_value(_qstat_conda_env(v["job_id"]))
+            request = parse_value(qstat_conda_env(job_id, config))
         else:
             request = Request()
-        task = v["task_id"] if v["task_id"] not in (None, "", "undefined") else None
-        return Job(
-            scheduler="sge", job_id=v["job_id"], task_id=task, account=account,
-            request=request,
-            workdir=Path(tmpdir) / "conda-stage" if tmpdir else Path("/nonexistent"),
-            workdir_owned_by_root=False, node=v["node"] or "",
-            tmpdir=Path(tmpdir) if tmpdir else None, spool_dir=spool,
-            environ={k: environ[k] for k in CONDA_VARS if environ.get(k)})
+        if not tmpdir or not os.path.isabs(tmpdir) or not tmpdir.isprintable() or ":" in tmpdir:
+            raise NotAJob(f"no usable TMPDIR for SGE job {job_id}: {tmpdir!r}")
+        return Job(scheduler=cls.name, job_id=job_id, task_id=task, account=account,
+                   request=request, workdir=Path(tmpdir) / "conda-stage",
+                   node=v["node"] or "", spool_dir=spool, environ=_conda_vars(environ))
+
+    @staticmethod
+    def hold(job: Job, reason: str, log) -> int:
+        print("conda-stage: holding the job (error state; 'qmod -cj' reruns it after a fix)",
+              flush=True)
+        log.warning(f"{job.label}: holding the job (on_error = hold): {reason}")
+        return 100
 
 
-def _read_spool_config(spool: Path | None) -> dict[str, str]:
+def shepherd_spool_dir() -> Path:
+    """The active-job spool folder of the ``sge_shepherd`` this hook runs
+    under: the shepherd's working folder (execd starts it there).  Taken
+    from the process tree, which a job owner cannot forge, not from
+    ``SGE_JOB_SPOOL_DIR``, which ``qsub -v`` can."""
+    import psutil
+
+    proc = psutil.Process(os.getpid())
+    for _ in range(8):
+        proc = proc.parent()
+        if proc is None:
+            break
+        try:
+            if proc.name() == "sge_shepherd" and proc.uids().real == 0:
+                spool = Path(proc.cwd())
+                st = os.stat(spool)
+                if st.st_mode & 0o022:
+                    raise NotAJob(f"{spool} is writable by others")
+                return spool
+        except psutil.Error:
+            continue
+    raise NotAJob("no sge_shepherd above this hook: not running as an SGE root prolog/epilog")
+
+
+def read_spool_config(spool: Path) -> dict[str, str]:
+    """``key=value`` lines of ``<spool>/config`` (execd's, bounded)."""
     conf: dict[str, str] = {}
-    if spool is None:
-        return conf
-    try:
-        with open(spool / "config", errors="replace") as fh:
-            for line in fh:
-                key, sep, value = line.rstrip("\n").partition("=")
-                if sep:
-                    conf[key] = value
-    except OSError:
-        pass
+    fd = os.open(spool / "config", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read(1 << 20)
+    for line in data.decode("utf-8", "replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            conf[key] = value
     return conf
 
 
-def _qstat_conda_env(job_id: str) -> str | None:
+def qstat_conda_env(job_id: str, config: Config) -> str | None:
     """The ``conda_env`` value of a job's hard resource list (no-JSV setups)."""
+    env = {"PATH": os.environ.get("PATH", ""), "SGE_ROOT": config.sge_root,
+           "SGE_CELL": config.sge_cell, "LC_ALL": "C"}
     try:
         out = subprocess.run(["qstat", "-j", job_id], capture_output=True, text=True,
-                             timeout=30).stdout
+                             timeout=30, env=env).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
     for line in out.splitlines():

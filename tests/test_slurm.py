@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.conda]
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGING = TEST_BASE / "slurm-jobs"
+STATE = TEST_BASE / "slurm-state"
 HOOK_LOG = TEST_BASE / "slurm-hooks.log"
 
 
@@ -39,7 +40,7 @@ def cluster(slurm_cluster, site_envs, conda_site):
         "epilog": str(slurm_cluster.install_file(ROOT / "epilog" / "slurm-epilog")),
     }
     HOOK_LOG.unlink(missing_ok=True)
-    with site_defaults(staging_dir=STAGING, log_file=HOOK_LOG, syslog="no",
+    with site_defaults(staging_dir=STAGING, state_dir=STATE, log_file=HOOK_LOG, syslog="no",
                        conda_root=conda_site.root_prefix) as defaults:
         with slurm_cluster.hooks_configured(**hooks, prolog_flags="Alloc"):
             slurm_cluster.defaults = defaults
@@ -61,6 +62,8 @@ def slurm_job(cluster, conda_user, conda_site, site_envs):
     yield submit
     leftovers = os.listdir(STAGING) if STAGING.exists() else []
     assert leftovers == [], f"staged files left behind: {leftovers}"
+    manifests = os.listdir(STATE) if STATE.exists() else []
+    assert manifests == [], f"manifests left behind: {manifests}"
     assert "drain" not in cluster.node_state(), cluster.node_reason()
     cluster.wait_idle(timeout=30)
     for k, snap in before.items():
@@ -329,12 +332,13 @@ def test_gc_jobs_removes_folders_of_jobs_slurm_no_longer_runs(slurm_job, cluster
     (orphan / "envs" / "x" / "bin").mkdir(parents=True)
     for p in (orphan / "envs" / "x" / "bin", orphan / "envs" / "x", orphan / "envs"):
         p.chmod(0o555)
+    (STATE / "7.json").write_text("{}")
     r = subprocess.run([str(Path(sys.prefix) / "bin" / "conda-stage"), "gc", "--jobs"],
                        capture_output=True, text=True, timeout=120,
                        env={**os.environ, **cluster.env})
     assert r.returncode == 0, r.stderr
     assert f"INFO: Removing {orphan} (job 7 is not running)" in r.stderr
-    assert not orphan.exists()
+    assert not orphan.exists() and not (STATE / "7.json").exists()
     assert (STAGING / jid / "envs" / env.name).is_dir()  # running: kept
     cluster.cancel(jid)
     cluster.wait(jid)

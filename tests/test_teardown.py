@@ -56,11 +56,16 @@ def test_epilog_is_idempotent_and_cleans_half_finished_prologs(tmp_path):
 
     from conda_stage.config import Config
     from conda_stage.job import Job
+    from conda_stage.jobdir import JobDir
     from conda_stage.jobstage import epilog
     from conda_stage.privileges import Account
     from conda_stage.request import Request
 
-    workdir = tmp_path / "jobs" / "42"
+    (tmp_path / "jobs").mkdir(mode=0o755)
+    (tmp_path / "state").mkdir(mode=0o755)
+    (tmp_path / "state" / "42.json").write_text("{}")
+    folder = JobDir(str(tmp_path / "jobs"), str(tmp_path / "state"), "42")
+    workdir = folder.path
     done = workdir / "envs" / "a" / "lib"
     done.mkdir(parents=True)
     (done / "x.so").write_text("x")
@@ -70,9 +75,9 @@ def test_epilog_is_idempotent_and_cleans_half_finished_prologs(tmp_path):
         p.chmod(0o555)
     job = Job(scheduler="slurm", job_id="42", task_id=None,
               account=Account.lookup(uid=os.getuid()), request=Request(),
-              workdir=workdir, workdir_owned_by_root=True)
+              workdir=workdir, folder=folder)
     log = logging.getLogger("test-epilog")
     epilog(job, Config(), log)
     assert not workdir.exists()
     epilog(job, Config(), log)  # twice: nothing to do, no error
-    assert os.listdir(tmp_path / "jobs") == []
+    assert os.listdir(tmp_path / "jobs") == [] and os.listdir(tmp_path / "state") == []

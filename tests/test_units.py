@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conda_stage.config import Config
+from conda_stage.config import SITE_FILE, Config, UntrustedSettings
 from conda_stage.errors import EnvNotFound, UsageError
 from conda_stage.fingerprint import fingerprint
 from conda_stage.locking import file_lock
@@ -53,28 +53,62 @@ def test_too_many_names_are_capped():
 
 
 # ---------------------------------------------------------------- config
-def test_defaults_file_and_environment(tmp_path):
-    defaults = tmp_path / "conda-stage"
-    defaults.write_text("# site settings\nCONDA_STAGE_STAGING_DIR=/local/cs\n"
-                        "export CONDA_STAGE_ON_ERROR='hold'\nCONDA_STAGE_SET_TMPDIR=yes # comment\n"
-                        "CONDA_STAGE_PYTHON=/opt/conda-stage/bin/python\n")
-    config = Config.load({"CONDA_STAGE_DEFAULTS": str(defaults),
-                          "CONDA_STAGE_LOCK_TIMEOUT": "30"})
+def _site(tmp_path, text, mode=0o644):
+    folder = tmp_path / "default"
+    folder.mkdir(mode=0o755, exist_ok=True)
+    site = folder / "conda-stage"
+    site.write_text(text)
+    site.chmod(mode)
+    return site
+
+
+def test_site_file_is_the_only_source_of_settings(tmp_path, monkeypatch):
+    site = _site(tmp_path, "# site settings\nCONDA_STAGE_STAGING_DIR=/local/cs\n"
+                           "export CONDA_STAGE_ON_ERROR='hold'\nCONDA_STAGE_SET_TMPDIR=yes # comment\n"
+                           "CONDA_STAGE_PYTHON=/opt/conda-stage/bin/python\n")
+    # What a job owner could put into a root hook's environment changes nothing.
+    monkeypatch.setenv("CONDA_STAGE_DEFAULTS", str(tmp_path / "evil"))
+    monkeypatch.setenv("CONDA_STAGE_STAGING_DIR", "/home/evil")
+    monkeypatch.setenv("CONDA_STAGE_LOCK_TIMEOUT", "1")
+    config = Config.load(str(site))
     assert config.staging_dir == "/local/cs" and config.on_error == "hold"
-    assert config.set_tmpdir is True and config.lock_timeout == 30.0
-    assert Config.load({"CONDA_STAGE_DEFAULTS": str(tmp_path / "missing")}) == Config()
+    assert config.set_tmpdir is True and config.lock_timeout == Config().lock_timeout
+    assert Config.load(str(tmp_path / "missing")) == Config()
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda site: site.chmod(0o664), "writable by group or others"),
+    (lambda site: os.chown(site, 65534, 0), "owned by uid 65534"),
+    (lambda site: site.parent.chmod(0o777), "writable by group or others"),
+    (lambda site: os.chown(site.parent, 65534, 0), "owned by uid 65534"),
+    (lambda site: (site.rename(site.with_name("real")), site.symlink_to("real")), "is a symlink"),
+])
+def test_site_file_a_user_could_change_is_refused(tmp_path, change, problem):
+    site = _site(tmp_path, "CONDA_STAGE_STAGING_DIR=/local/cs\n")
+    change(site)
+    with pytest.raises(UntrustedSettings, match=problem):
+        Config.load(str(site))
 
 
 @pytest.mark.parametrize("line, message", [
     ("CONDA_STAGE_ON_ERROR=explode", "must be 'continue' or 'hold'"),
     ("CONDA_STAGE_SYSLOG=maybe", "must be yes or no"),
     ("not a setting", "expected KEY=value"),
+    ("CONDA_STAGE_STAGING_DIR=relative/dir", "must be an absolute path"),
+    ("CONDA_STAGE_PROLOG_BUDGET=0", "must be positive"),
 ])
 def test_bad_settings_are_reported(tmp_path, line, message):
-    defaults = tmp_path / "conda-stage"
-    defaults.write_text(line + "\n")
     with pytest.raises(UsageError, match=message):
-        Config.load({"CONDA_STAGE_DEFAULTS": str(defaults)})
+        Config.load(str(_site(tmp_path, line + "\n")))
+
+
+def test_wrapper_defaults_agree_with_config():
+    """The hook script's built-in defaults are conda-stage's."""
+    text = (Path(__file__).parent.parent / "prolog" / "conda-stage-hook.sh").read_text()
+    assert f"python={Config().python}\n" in text
+    assert f"state_dir={Config().state_dir}\n" in text
+    assert "read_qstat=no\n" in text and Config().sge_read_qstat is False
+    assert f"site={SITE_FILE}\n" in text
 
 
 # ---------------------------------------------------------------- resolution

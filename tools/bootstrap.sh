@@ -33,7 +33,7 @@ if [ ! -x "$venv/bin/python" ]; then
     /usr/bin/python3 -m venv "$venv"
 fi
 pip=("$venv/bin/pip" install -q --disable-pip-version-check)
-if ! "$venv/bin/python" -c 'import plumbum, psutil, zstandard, conda_pack, yaml, pytest, mfusepy' 2>/dev/null \
+if ! "$venv/bin/python" -c 'import plumbum, psutil, zstandard, conda_pack, yaml, pytest, mfusepy, hypothesis' 2>/dev/null \
     || [ "$here/pyproject.toml" -nt "$venv/.conda-stage-deps" ]; then
     echo "bootstrap: installing dependencies into $venv" >&2
     "${pip[@]}" "${here}[test]" setuptools wheel >>"$log" 2>&1 || { tail -20 "$log" >&2; exit 1; }

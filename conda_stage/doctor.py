@@ -1,0 +1,257 @@
+"""``conda-stage doctor``: check a node's setup against the rules the hooks
+live by, and say what to fix.
+
+The checks are the hooks' own (:func:`conda_stage.config.trust_problem`,
+:func:`conda_stage.jobdir.open_base`), so what doctor calls fine is what a
+prolog will accept.  Each finding is one line: ``ok``, ``warn`` (works, but
+not as well as it could) or ``FAIL`` (the hooks will refuse, or a user could
+take over something root runs).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from .config import SITE_FILE, Config, UntrustedSettings, trust_problem
+from .errors import StageError
+from .jobdir import UnsafeBase, open_base
+
+HOOK_NAMES = ("slurm-prolog", "slurm-task-prolog", "slurm-epilog", "sge-prolog", "sge-epilog")
+
+
+class Report:
+    def __init__(self):
+        self.lines: list[str] = []
+        self.failures = 0
+
+    def ok(self, text: str) -> None:
+        self.lines.append(f"ok    {text}")
+
+    def warn(self, text: str) -> None:
+        self.lines.append(f"warn  {text}")
+
+    def fail(self, text: str) -> None:
+        self.failures += 1
+        self.lines.append(f"FAIL  {text}")
+
+
+def run(site_file: str = SITE_FILE) -> Report:
+    report = Report()
+    config = _site_file(report, site_file)
+    if config is None:
+        return report
+    _python(report, config)
+    _folder(report, "staging folder (staging_dir)", config.staging_dir)
+    _folder(report, "state folder (state_dir)", config.state_dir)
+    _space(report, config.staging_dir)
+    _log_file(report, config)
+    _slurm(report)
+    _sge(report)
+    _fuse(report)
+    return report
+
+
+def _site_file(report: Report, path: str) -> Config | None:
+    try:
+        config = Config.load(path)
+    except UntrustedSettings as exc:
+        report.fail(f"{exc}: the hooks stage nothing until only root can change it "
+                    f"(chown root: and chmod go-w the file and the folders above it)")
+        return None
+    except StageError as exc:
+        report.fail(f"{path}: {exc}")
+        return None
+    if os.path.exists(path):
+        report.ok(f"{path} is root's alone and parses")
+    else:
+        report.warn(f"{path} does not exist: built-in defaults are used "
+                    f"(examples/admin/conda-stage.defaults documents the settings)")
+    return config
+
+
+def _python(report: Report, config: Config) -> None:
+    python = config.python
+    if not os.path.exists(python):
+        report.fail(f"{python} does not exist: set CONDA_STAGE_PYTHON")
+        return
+    problem = trust_problem(os.path.realpath(python))
+    if problem:
+        report.fail(f"{python}: {problem}; root runs it from the hooks")
+    venv = Path(python).parent.parent
+    writable = _writable_by_others(venv)
+    if writable:
+        report.fail(f"{writable} in the installation {venv} is writable by group or others")
+    if os.geteuid() == 0:
+        ran = _runs_as_nobody(python)
+        if ran is None:
+            report.ok(f"{python} runs conda_stage for an unprivileged user")
+        else:
+            report.fail(f"{python} cannot run conda_stage as an unprivileged user ({ran}): "
+                        f"the TaskProlog and the staging child run as the job user; "
+                        f"install into a venv made from a Python every user can run "
+                        f"(not one under /root) and 'chmod -R a+rX' it")
+    elif not problem and not writable:
+        report.ok(f"{python} is root's")
+
+
+def _writable_by_others(top: Path, limit: int = 20000) -> str | None:
+    for n, (root, dirs, files) in enumerate(os.walk(top)):
+        if n > limit:
+            break
+        for name in [*dirs, *files]:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            if not stat.S_ISLNK(st.st_mode) and (st.st_mode & 0o022 or st.st_uid != 0):
+                return os.path.join(root, name)
+    return None
+
+
+def _runs_as_nobody(python: str) -> str | None:
+    import pwd
+
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        return "no user 'nobody' to try with"
+    try:
+        r = subprocess.run(["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
+                            "--clear-groups", python, "-I", "-c", "import conda_stage.hooks"],
+                           capture_output=True, text=True, timeout=60, cwd="/")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["failed"])[-1]
+
+
+def _folder(report: Report, what: str, path: str) -> None:
+    try:
+        os.close(open_base(path, create=False))
+        report.ok(f"{what} {path} is root's alone")
+    except UnsafeBase as exc:
+        if "does not exist" in str(exc):
+            report.ok(f"{what} {path} does not exist yet; the first prolog creates it")
+        else:
+            report.fail(f"{what}: {exc}; the hooks refuse it (choose a folder under a "
+                        f"root-only parent, e.g. /var/lib/conda-stage/jobs)")
+
+
+def _space(report: Report, path: str) -> None:
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        st = os.statvfs(probe)
+    except OSError as exc:
+        report.warn(f"cannot check free space at {probe}: {exc.strerror}")
+        return
+    free = st.f_bavail * st.f_frsize
+    inodes = st.f_favail
+    line = f"{free / 1e9:.1f} GB and {inodes} inodes free for staging at {probe}"
+    if free < 5e9 or (st.f_files and inodes < 200000):
+        report.warn(line + " (a large environment needs several GB and 50k+ inodes)")
+    else:
+        report.ok(line)
+
+
+def _log_file(report: Report, config: Config) -> None:
+    if not config.log_file:
+        report.ok("log: syslog" if config.syslog else "log: none (set CONDA_STAGE_LOG_FILE "
+                                                      "or CONDA_STAGE_SYSLOG=yes)")
+        return
+    problem = trust_problem(os.path.dirname(config.log_file) or "/")
+    if problem:
+        report.fail(f"log file {config.log_file}: {problem}")
+    else:
+        report.ok(f"log file {config.log_file}")
+
+
+def _slurm(report: Report) -> None:
+    if not shutil.which("scontrol"):
+        return
+    try:
+        r = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
+                           timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        r = subprocess.CompletedProcess([], 1, "", str(exc))
+    if r.returncode != 0:
+        report.warn(f"slurm: 'scontrol show config' failed ({(r.stderr.strip().splitlines() or [''])[-1][:120]}); "
+                    f"hook configuration not checked")
+        return
+    out = r.stdout
+    conf = {}
+    for line in out.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            conf[key.strip()] = value.strip()
+    for key, name in (("Prolog", "slurm-prolog"), ("TaskProlog", "slurm-task-prolog"),
+                      ("Epilog", "slurm-epilog")):
+        paths = [p for p in conf.get(key, "").split(",") if p and p != "(null)"]
+        ours = [p for p in paths if os.path.basename(p) == name]
+        if not ours:
+            report.fail(f"slurm: {key} does not run conda-stage's {name} (slurm.conf: {key}=...)")
+            continue
+        _hook_file(report, f"slurm {key}", ours[0])
+    if "Alloc" not in conf.get("PrologFlags", ""):
+        report.warn("slurm: PrologFlags lacks Alloc: the Prolog runs at the first srun, "
+                    "not before the batch script")
+
+
+def _sge(report: Report) -> None:
+    if not shutil.which("qconf"):
+        return
+    try:
+        queues = subprocess.run(["qconf", "-sql"], capture_output=True, text=True,
+                                timeout=30).stdout.split()
+        for queue in queues:
+            out = subprocess.run(["qconf", "-sq", queue], capture_output=True, text=True,
+                                 timeout=30).stdout
+            conf = dict((line.split(None, 1) + [""])[:2] for line in out.splitlines() if line.strip())
+            for key, name in (("prolog", "sge-prolog"), ("epilog", "sge-epilog")):
+                value = conf.get(key, "NONE").strip()
+                if name not in value:
+                    report.warn(f"sge: queue {queue} {key} does not run {name}")
+                    continue
+                if not value.startswith("root@"):
+                    report.fail(f"sge: queue {queue} {key} must be root@...{name}")
+                _hook_file(report, f"sge {queue} {key}", value.split()[0].removeprefix("root@"))
+    except (OSError, subprocess.TimeoutExpired):
+        report.warn("sge: qconf failed; queues not checked")
+
+
+def _hook_file(report: Report, what: str, path: str) -> None:
+    real = os.path.realpath(path)
+    problem = trust_problem(path) if not os.path.islink(path) else trust_problem(real)
+    if not os.path.exists(real):
+        report.fail(f"{what}: {path} does not exist")
+    elif problem:
+        report.fail(f"{what}: {path}: {problem}; root runs it")
+    else:
+        report.ok(f"{what}: {path}")
+
+
+def _fuse(report: Report) -> None:
+    try:
+        mode = os.stat("/dev/fuse").st_mode
+        usable = mode & 0o006 == 0o006
+    except OSError:
+        usable = False
+    tools = [t for t in ("fusermount3", "squashfuse_ll") if not shutil.which(t)]
+    if usable and not tools:
+        report.ok("FUSE: /dev/fuse usable by users, fusermount3 and squashfuse_ll installed")
+    else:
+        missing = ", ".join(tools + ([] if usable else ["/dev/fuse for users"]))
+        report.warn(f"FUSE: missing {missing} (not needed to stage by extraction)")
+
+
+def main() -> int:
+    report = run()
+    for line in report.lines:
+        print(line)
+    print(f"{report.failures} problem(s) found" if report.failures else "no problems found",
+          file=sys.stderr)
+    return 1 if report.failures else 0

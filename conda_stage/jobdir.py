@@ -1,0 +1,391 @@
+"""A batch job's node-local folder, and the root-owned base that holds them.
+
+Layout (Slurm; ``B`` is the site's ``staging_dir``)::
+
+    B/                      root:root, not writable by others (made by the prolog)
+    B/<job>/                root:root 0755, made and removed by root
+    B/<job>/envs/<name>     the copies, made by the job user (owner of envs/)
+    B/<job>/tmp/            the job user's, 0700 (TMPDIR with set_tmpdir)
+    S/<job>.json            root 0644: the manifest -- what was staged, what to
+                            tell the job (``S`` is ``state_dir``, /run/conda-stage)
+
+The manifest lives apart from the copies so that the job is told what
+happened even when the staging folder turned out to be unsafe.
+
+Root never follows a path a user could have planted: the base is opened
+from ``/`` one component at a time with ``O_NOFOLLOW``, every component
+must be root-owned (and not writable by others, unless it is a sticky folder
+like ``/tmp`` above the base), and everything below it is done through
+directory file descriptors.  A base that fails the checks is *squatted*:
+nothing is staged there, and the job is told.
+
+SGE jobs (a root prolog cannot write into the job's TMPDIR safely, and
+needs not) keep their copies in ``$TMPDIR/conda-stage``, owned by the job
+user; :func:`read_manifest` accepts a manifest there only if the reader
+owns it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import StageError
+
+MANIFEST = "manifest.json"
+ENVS = "envs"
+TMP = "tmp"
+_MAX_MANIFEST = 1 << 20
+_KEY_RE = re.compile(r"^[0-9]{1,20}(\.[0-9]{1,10})?$")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class UnsafeBase(StageError):
+    """The staging base (or a folder above it) could be controlled by a user."""
+
+
+def valid_key(key: str) -> bool:
+    """A job folder name: a job id, or ``<job id>.<task id>``."""
+    return bool(_KEY_RE.match(key or ""))
+
+
+# ------------------------------------------------------------------ the base
+def open_base(base: str, *, create: bool) -> int:
+    """A file descriptor of the staging base, checked component by component.
+
+    With ``create`` (root), missing folders are made root-owned 0755.
+    Raises :class:`UnsafeBase` when a component is a symlink, not a folder,
+    not root-owned, or writable by others (a sticky folder is allowed above
+    the base: nobody but root can rename root's entries in it).
+    """
+    if not os.path.isabs(base):
+        raise UnsafeBase(f"staging folder {base!r} is not an absolute path")
+    parts = [p for p in base.split("/") if p]
+    fd = os.open("/", _DIR_FLAGS)
+    try:
+        here = "/"
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            here = os.path.join(here, part)
+            try:
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise UnsafeBase(f"staging folder {here} does not exist") from None
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass  # someone was faster: checked below like anything else
+                child = _open_dir(part, fd, here)
+            except OSError as exc:
+                raise UnsafeBase(f"staging folder {here}: {_why(exc)}") from None
+            os.close(fd)
+            fd = child
+            st = os.fstat(fd)
+            if st.st_uid != 0:
+                raise UnsafeBase(f"{here} is owned by uid {st.st_uid}, not root "
+                                 f"(squatted or misconfigured staging folder)")
+            if st.st_mode & 0o022 and (last or not st.st_mode & stat.S_ISVTX):
+                raise UnsafeBase(f"{here} is writable by group or others "
+                                 f"(mode {stat.S_IMODE(st.st_mode):o})")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_dir(name: str, dir_fd: int, shown: str) -> int:
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        raise UnsafeBase(f"staging folder {shown}: {_why(exc)}") from None
+
+
+def _why(exc: OSError) -> str:
+    import errno
+
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        return "a symlink or not a folder"
+    return exc.strerror or str(exc)
+
+
+def base_problem(base: str) -> str | None:
+    """Why ``base`` is not safe to use (None: it is, or does not exist yet
+    and could be created safely)."""
+    try:
+        os.close(open_base(base, create=False))
+    except UnsafeBase as exc:
+        if "does not exist" in str(exc):
+            return None
+        return str(exc)
+    return None
+
+
+# ------------------------------------------------------------- job folders
+class JobDir:
+    """``<base>/<key>`` of one job and its manifest ``<state>/<key>.json``:
+    made, described and removed by root."""
+
+    def __init__(self, base: str, state: str, key: str):
+        if not valid_key(key):
+            raise StageError(f"not a job id: {key!r}")
+        self.base = str(base)
+        self.state = str(state)
+        self.key = key
+
+    @property
+    def path(self) -> Path:
+        return Path(self.base) / self.key
+
+    @property
+    def envs(self) -> Path:
+        return self.path / ENVS
+
+    @property
+    def tmp(self) -> Path:
+        return self.path / TMP
+
+    @property
+    def manifest_path(self) -> Path:
+        return Path(self.state) / f"{self.key}.json"
+
+    @contextmanager
+    def _dir_fd(self, folder: str, create: bool = False):
+        fd = open_base(folder, create=create)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def create(self, uid: int, gid: int) -> None:
+        """(root) A fresh job folder; anything left under its name goes first."""
+        with self._dir_fd(self.base, create=True) as base:
+            _remove_at(base, self.key)
+            os.mkdir(self.key, 0o700, dir_fd=base)
+            job = _open_dir(self.key, base, str(self.path))
+            try:
+                os.fchmod(job, 0o755)
+                for name, mode in ((ENVS, 0o755), (TMP, 0o700)):
+                    os.mkdir(name, 0o700, dir_fd=job)
+                    sub = _open_dir(name, job, str(self.path / name))
+                    try:
+                        os.fchown(sub, uid, gid)
+                        os.fchmod(sub, mode)
+                    finally:
+                        os.close(sub)
+            finally:
+                os.close(job)
+
+    def exists(self) -> bool:
+        """Whether there is anything to clean up for this job."""
+        for folder, name in ((self.base, self.key), (self.state, f"{self.key}.json")):
+            try:
+                with self._dir_fd(folder) as fd:
+                    os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    return True
+            except (OSError, StageError):
+                pass
+        return False
+
+    def write_manifest(self, manifest: dict) -> None:
+        """(root) Replace the manifest atomically."""
+        data = json.dumps(check_manifest(manifest), indent=1).encode()
+        name = f"{self.key}.json"
+        with self._dir_fd(self.state, create=True) as state:
+            tmp = f".{name}.{os.getpid()}"
+            _remove_at(state, tmp)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o644, dir_fd=state)
+            try:
+                os.fchmod(fd, 0o644)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            os.replace(tmp, name, src_dir_fd=state, dst_dir_fd=state)
+
+    def read_manifest(self) -> dict | None:
+        """The manifest root wrote, or None."""
+        try:
+            with self._dir_fd(self.state) as state:
+                return _load_manifest(state, f"{self.key}.json", owners=(0,))
+        except StageError:
+            return None
+
+    def remove_envs(self) -> None:
+        """(root) Remove whatever the job user left in ``envs/``."""
+        with self._dir_fd(self.base) as base:
+            job = _open_dir(self.key, base, str(self.path))
+            try:
+                envs = _open_dir(ENVS, job, str(self.envs))
+                try:
+                    for name in os.listdir(envs):
+                        _remove_at(envs, name)
+                finally:
+                    os.close(envs)
+            finally:
+                os.close(job)
+
+    def remove(self) -> bool:
+        """(root) Remove the job folder and the manifest; whether there was
+        anything to remove."""
+        removed = False
+        for folder, name in ((self.base, self.key), (self.state, f"{self.key}.json")):
+            try:
+                with self._dir_fd(folder) as fd:
+                    removed = _remove_at(fd, name) or removed
+            except UnsafeBase:
+                if os.path.lexists(os.path.join(folder, name)):
+                    raise
+        return removed
+
+
+def read_manifest(folder: Path, owners=(0,)) -> dict | None:
+    """The manifest in ``folder`` if the folder and the manifest are owned by
+    one of ``owners`` and it is well-formed; else None."""
+    try:
+        fd = os.open(folder, _DIR_FLAGS)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_uid not in owners:
+            return None
+        return _load_manifest(fd, MANIFEST, owners)
+    finally:
+        os.close(fd)
+
+
+def _load_manifest(dir_fd: int, name: str, owners) -> dict | None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in owners or st.st_mode & 0o022:
+            return None
+        data = fh.read(_MAX_MANIFEST + 1)
+    if len(data) > _MAX_MANIFEST:
+        return None
+    try:
+        return check_manifest(json.loads(data))
+    except (ValueError, TypeError):
+        return None
+
+
+# ------------------------------------------------------------ the manifest
+def _text(value, *, path: bool = False, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value.isprintable():
+        raise ValueError(f"not printable text: {value!r}")
+    if path and (not value.startswith("/") or ":" in value):
+        raise ValueError(f"not an absolute path: {value!r}")
+
+
+def check_manifest(data) -> dict:
+    """``data`` if it is a manifest as the prolog writes it; ValueError if
+    not.  Every string a hook prints, exports or logs from it is single-line
+    printable text; paths are absolute."""
+    if not isinstance(data, dict):
+        raise ValueError("not an object")
+    _text(data.get("job_id"))
+    _text(data.get("task_id"), optional=True)
+    _text(data.get("user"))
+    _text(data.get("workdir"), path=True)
+    _text(data.get("envs_dir"), path=True, optional=True)
+    for key in ("results", "problems", "messages"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{key} is not a list")
+    for text in data["problems"] + data["messages"]:
+        _text(text)
+    for item in data["results"]:
+        if not isinstance(item, dict) or item.get("status") not in ("staged", "skipped"):
+            raise ValueError("bad result")
+        _text(item.get("name"))
+        if item["status"] == "staged":
+            _text(item.get("path"), path=True)
+            _text(item.get("original"), path=True)
+            if not isinstance(item.get("seconds"), (int, float)):
+                raise ValueError("bad seconds")
+        else:
+            _text(item.get("reason"))
+    return data
+
+
+def one_line(text: str, limit: int = 2000) -> str:
+    """``text`` as one printable line: control characters escaped."""
+    text = str(text)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                       for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ---------------------------------------------------------------- removal
+def _remove_at(dir_fd: int, name: str) -> bool:
+    """Remove ``name`` in ``dir_fd`` and everything below it, through file
+    descriptors only: symlinks are removed, never followed; a folder swapped
+    for something else mid-way is not descended into."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return True
+    for _root, dirs, files, root_fd in os.fwalk(name, topdown=False, dir_fd=dir_fd):
+        for entry in files:
+            _unlink(entry, root_fd)
+        for entry in dirs:
+            try:
+                os.rmdir(entry, dir_fd=root_fd)
+            except NotADirectoryError:  # a symlink to a folder
+                _unlink(entry, root_fd)
+            except FileNotFoundError:
+                pass
+    os.rmdir(name, dir_fd=dir_fd)
+    return True
+
+
+def _unlink(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+# ------------------------------------------------------ inside a job (user)
+def find_job_copy(original: Path, environ=None) -> Path | None:
+    """The copy of the environment at ``original`` that this job's prolog
+    staged, if this runs in such a job: ``$CONDA_STAGE_JOB_DIR/envs`` (a
+    root-owned job folder) or ``$TMPDIR/conda-stage/envs`` (SGE, the
+    user's own), holding copies of the current user's."""
+    from .store import read_marker
+
+    environ = os.environ if environ is None else environ
+    uid = os.getuid()
+    folders = [environ.get("CONDA_STAGE_JOB_DIR")]
+    if environ.get("TMPDIR"):
+        folders.append(os.path.join(environ["TMPDIR"], "conda-stage"))
+    for folder in filter(None, folders):
+        try:
+            if os.stat(folder).st_uid not in (0, uid):
+                continue
+            envs = os.path.join(folder, ENVS)
+            if os.stat(envs).st_uid != uid:
+                continue
+            names = os.listdir(envs)
+        except OSError:
+            continue
+        for name in names:
+            copy = Path(envs) / name
+            marker = read_marker(copy)
+            if marker is not None and marker.mode == "job" and marker.original == str(original):
+                return copy
+    return None

@@ -1,0 +1,227 @@
+"""Root-side job folders: the staging base checks, fd-based creation and
+removal that no planted symlink redirects, the manifest schema, escaping
+for the formats hook output crosses into, and gc of what was left."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from conda_stage.jobdir import (JobDir, UnsafeBase, check_manifest, find_job_copy, one_line,
+                                open_base, read_manifest)
+from conda_stage.sge import env_file_line
+
+NOBODY = 65534
+
+
+@pytest.fixture
+def base(tmp_path):
+    """A root-owned folder under pytest's root-only tmp folder."""
+    tmp_path.chmod(0o755)
+    return tmp_path
+
+
+def _manifest(workdir, **over):
+    m = {"job_id": "42", "task_id": None, "user": "alice", "workdir": str(workdir),
+         "envs_dir": str(workdir / "envs"),
+         "results": [{"name": "a", "status": "staged", "path": str(workdir / "envs" / "a"),
+                      "original": "/home/alice/.conda/envs/a", "seconds": 1.0},
+                     {"name": "b", "status": "skipped", "reason": "not enabled"}],
+         "problems": [], "messages": ["conda-stage: staged a"], "created": 1.0}
+    m.update(over)
+    return m
+
+
+# ------------------------------------------------------------ the base
+def test_base_is_created_root_owned_and_reopened(base):
+    fd = open_base(str(base / "a" / "b"), create=True)
+    os.close(fd)
+    st = os.stat(base / "a" / "b")
+    assert st.st_uid == 0 and st.st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize("squat, problem", [
+    (lambda p: (p.mkdir(), os.chown(p, NOBODY, NOBODY)), "owned by uid 65534"),
+    (lambda p: (p.mkdir(), p.chmod(0o777)), "writable by group or others"),
+    (lambda p: p.symlink_to("/etc"), "a symlink or not a folder"),
+    (lambda p: p.write_text("x"), "a symlink or not a folder"),
+])
+def test_squatted_base_is_refused_and_not_followed(base, squat, problem):
+    target = base / "jobs"
+    squat(target)
+    before = sorted(os.listdir("/etc"))
+    with pytest.raises(UnsafeBase, match=problem):
+        JobDir(str(target), str(base / "state"), "42").create(1000, 1000)
+    assert sorted(os.listdir("/etc")) == before
+
+
+def test_sticky_world_writable_parent_is_allowed_above_a_root_base(base):
+    sticky = base / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    os.close(open_base(str(sticky / "jobs"), create=True))
+    with pytest.raises(UnsafeBase, match="writable by group or others"):
+        os.close(open_base(str(sticky), create=False))  # the base itself must not be
+
+
+def test_user_owned_parent_below_root_is_refused(base):
+    parent = base / "users"
+    parent.mkdir()
+    os.chown(parent, NOBODY, NOBODY)
+    with pytest.raises(UnsafeBase, match="owned by uid 65534"):
+        os.close(open_base(str(parent / "jobs"), create=True))
+    assert not (parent / "jobs").exists()
+
+
+# ------------------------------------------------------------ job folders
+def test_job_folder_layout_and_ownership(base):
+    job = JobDir(str(base / "jobs"), str(base / "state"), "42")
+    job.create(NOBODY, NOBODY)
+    assert os.stat(job.path).st_uid == 0 and os.stat(job.path).st_mode & 0o777 == 0o755
+    assert os.stat(job.envs).st_uid == NOBODY and os.stat(job.tmp).st_mode & 0o777 == 0o700
+    job.write_manifest(_manifest(job.path))
+    st = os.stat(job.manifest_path)
+    assert st.st_uid == 0 and st.st_mode & 0o777 == 0o644
+    assert job.read_manifest()["results"][0]["name"] == "a"
+
+
+def test_removal_never_follows_planted_symlinks(base):
+    """What a user leaves in envs/ (symlinks to their home, to /etc, a
+    read-only tree) is removed; what the links point to is untouched."""
+    victim = base / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("k")
+    job = JobDir(str(base / "jobs"), str(base / "state"), "42")
+    job.create(NOBODY, NOBODY)
+    (job.envs / "to-victim").symlink_to(victim)
+    (job.envs / "copy" / "lib").mkdir(parents=True)
+    (job.envs / "copy" / "lib" / "link").symlink_to(victim)
+    (job.envs / "copy" / "lib" / "f").write_text("x")
+    for p in (job.envs / "copy" / "lib", job.envs / "copy"):
+        p.chmod(0o555)
+    job.write_manifest(_manifest(job.path))
+    assert job.remove() is True
+    assert not job.path.exists() and not job.manifest_path.exists()
+    assert (victim / "keep").read_text() == "k"
+    assert job.remove() is False  # idempotent
+
+
+def test_leftover_under_the_job_id_is_replaced_not_followed(base):
+    (base / "jobs").mkdir(mode=0o755)
+    victim = base / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("k")
+    (base / "jobs" / "42").symlink_to(victim)
+    job = JobDir(str(base / "jobs"), str(base / "state"), "42")
+    job.create(NOBODY, NOBODY)
+    assert job.path.is_dir() and not job.path.is_symlink()
+    assert (victim / "keep").read_text() == "k"
+
+
+def test_job_keys_are_ids_only():
+    for bad in ("../x", "42/..", "", "a", "1.2.3", "1 2"):
+        with pytest.raises(Exception):
+            JobDir("/b", "/s", bad)
+    assert JobDir("/b", "/s", "12.3").path == Path("/b/12.3")
+
+
+# ------------------------------------------------------------ manifests
+def test_manifest_not_owned_by_root_is_ignored(base):
+    job = JobDir(str(base / "jobs"), str(base / "state"), "42")
+    job.create(NOBODY, NOBODY)
+    job.write_manifest(_manifest(job.path))
+    os.chown(job.manifest_path, NOBODY, NOBODY)
+    assert job.read_manifest() is None
+
+
+@pytest.mark.parametrize("change", [
+    {"envs_dir": "relative/envs"},
+    {"envs_dir": "/x\nexport LD_PRELOAD=/evil.so"},
+    {"messages": ["ok", "line\nexport LD_PRELOAD=/evil.so"]},
+    {"results": [{"name": "a", "status": "staged", "path": "/p\n", "original": "/o",
+                  "seconds": 1}]},
+    {"results": [{"name": "a", "status": "owned"}]},
+    {"user": None},
+])
+def test_manifest_schema_refuses_what_could_forge_lines(tmp_path, change):
+    with pytest.raises(ValueError):
+        check_manifest(_manifest(tmp_path, **change))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_one_line_is_always_a_single_printable_line(text):
+    line = one_line(text)
+    assert line.isprintable() and "\n" not in line
+
+
+@given(st.text(max_size=40))
+def test_env_file_lines_are_single_lines_or_refused(value):
+    try:
+        line = env_file_line("CONDA_ENVS_PATH", value)
+    except ValueError:
+        assert not value.isprintable()
+    else:
+        assert line.count("\n") == 0 and line == f"CONDA_ENVS_PATH={value}"
+
+
+def test_find_job_copy_only_trusts_the_users_own_copies(base, monkeypatch):
+    job = base / "job"
+    copy = job / "envs" / "a"
+    copy.mkdir(parents=True)
+    (copy / ".conda-stage").write_text(json.dumps({"original": "/envs/a", "name": "a",
+                                                   "mode": "job"}))
+    environ = {"CONDA_STAGE_JOB_DIR": str(job)}
+    assert find_job_copy(Path("/envs/a"), environ) == copy
+    assert find_job_copy(Path("/envs/b"), environ) is None
+    os.chown(job / "envs", NOBODY, NOBODY)  # someone else's envs/: not ours
+    assert find_job_copy(Path("/envs/a"), environ) is None
+
+
+def test_read_manifest_in_a_users_folder_checks_the_owner(base):
+    folder = base / "conda-stage"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps(_manifest(folder)))
+    assert read_manifest(folder, owners=(0,))["user"] == "alice"
+    os.chown(folder / "manifest.json", NOBODY, NOBODY)
+    assert read_manifest(folder, owners=(0,)) is None
+
+
+# ------------------------------------------------------------ gc
+def test_gc_collects_partials_of_dead_processes(base):
+    from conda_stage.gc import collect
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    parent = base / "conda-stage-abcd1234"
+    partial = parent / f".env.partial-{dead.pid}" / "bin"
+    partial.mkdir(parents=True)
+    partial.chmod(0o555)
+    alive = base / "conda-stage-efgh5678" / f".env.partial-{os.getpid()}"
+    alive.mkdir(parents=True)
+    removed = collect(base)
+    assert removed == [partial.parent] and not parent.exists()
+    assert alive.exists()
+
+
+def test_gc_jobs_carries_on_past_what_it_cannot_remove(base, capsys):
+    from conda_stage.errors import StageError
+    from conda_stage.gc import collect_jobs
+
+    jobs, state = base / "jobs", base / "state"
+    for key in ("7", "8"):
+        JobDir(str(jobs), str(state), key).create(NOBODY, NOBODY)
+    (jobs / "notes").mkdir()  # not a job folder: never touched
+
+    def alive(job_id):
+        if job_id == "7":
+            raise StageError("Cannot ask Slurm about job 7: timeout")
+        return False
+
+    with pytest.raises(StageError, match="1 job folder"):
+        collect_jobs(jobs, state, alive)
+    assert (jobs / "7").exists() and not (jobs / "8").exists() and (jobs / "notes").exists()
