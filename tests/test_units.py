@@ -192,3 +192,18 @@ def test_lock_file_replaced_while_waiting_is_relocked(tmp_path):
         os.unlink(lock)
     with file_lock(lock):
         assert lock.exists()
+
+
+def test_every_setting_is_documented_with_its_default():
+    from dataclasses import fields
+
+    text = (Path(__file__).parent.parent / "examples" / "admin" / "conda-stage.defaults").read_text()
+    config = Config()
+    for f in fields(Config):
+        value = getattr(config, f.name)
+        if isinstance(value, bool):
+            value = "yes" if value else "no"
+        elif isinstance(value, float):
+            value = f"{value:g}"
+        line = f"#CONDA_STAGE_{f.name.upper()}=" + (f"{value}\n" if value != "" else "")
+        assert line in text, f.name  # (an empty default is shown with an example)
