@@ -25,8 +25,33 @@ def is_quiet() -> bool:
     return _state["quiet"]
 
 
+_BIDI = frozenset(range(0x202A, 0x202F)) | frozenset(range(0x2066, 0x206A))
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\x1b``, ``\\n``, ...), so
+    that a user-chosen name can never forge a line, move the cursor or
+    reorder what a terminal shows.  Undecodable bytes of a file name
+    (surrogate escapes) are shown as ``\\xNN``."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if o < 0x20 or 0x7F <= o < 0xA0:
+            out.append(f"\\x{o:02x}")
+        elif 0xDC80 <= o <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif 0xD800 <= o <= 0xDFFF or o in (0x2028, 0x2029) or o in _BIDI:
+            out.append(f"\\u{o:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def _emit(prefix: str, msg: str) -> None:
-    lines = str(msg).split("\n")
+    lines = [printable(line) for line in str(msg).split("\n")]
     pad = " " * len(prefix)
     text = prefix + lines[0] + "".join("\n" + pad + line for line in lines[1:])
     try:
