@@ -23,6 +23,7 @@ from .resolve import Env
 from .stage import ACTIVATE_HOOK, DEACTIVATE_HOOK
 from .store import is_staged_copy
 from .tarball import Tarball, atomic_write
+from .userfiles import read_bounded
 
 CONF = "etc/conda-stage/auto-stage.conf"
 _HOOK_SOURCES = {ACTIVATE_HOOK: "activate-hook.sh", DEACTIVATE_HOOK: "deactivate-hook.sh"}
@@ -32,12 +33,19 @@ def is_enabled(prefix: Path) -> bool:
     return (Path(prefix) / ACTIVATE_HOOK).is_file()
 
 
+CONF_LIMIT = 64 << 10
+
+
 def read_conf(prefix: Path) -> dict[str, str]:
+    """The auto-staging settings of the environment at ``prefix`` ({} when
+    it has none or they cannot be read).  A settings file that is not a
+    regular file or is absurdly large is refused with a StageError."""
     conf: dict[str, str] = {}
     try:
-        text = (Path(prefix) / CONF).read_text()
+        raw = read_bounded(Path(prefix) / CONF, CONF_LIMIT, what="auto-staging settings")
     except OSError:
         return conf
+    text = raw.decode("utf-8", "replace")
     for line in text.splitlines():
         key, sep, value = line.partition("=")
         if sep:

@@ -17,6 +17,8 @@ from typing import Mapping
 
 from . import output
 from .errors import EnvNotFound, StageError
+from .output import printable
+from .userfiles import read_bounded
 
 # Names we accept from users and job requests.  Stricter than conda (which
 # only forbids '/', ' ', ':' and '#') so that a name can never be a path,
@@ -56,6 +58,15 @@ def root_prefix(environ: Mapping[str, str]) -> Path | None:
     return None
 
 
+# Bounds on reading conda's configuration: every file is a user file (the
+# root prolog's child reads them as the job user), so each is read only if
+# it is a regular file, up to a size; and a condarc.d folder full of files
+# must not make staging read gigabytes of YAML.
+CONDARC_LIMIT = 1 << 20  # bytes per file
+CONDARC_TOTAL = 8 << 20  # bytes over all files
+CONDARC_D_FILES = 64  # files taken from one condarc.d folder
+
+
 def _condarc_files(environ: Mapping[str, str], home: Path) -> list[Path]:
     """Conda's configuration search path, lowest precedence first."""
     root = root_prefix(environ)
@@ -68,8 +79,15 @@ def _condarc_files(environ: Mapping[str, str], home: Path) -> list[Path]:
     for base in bases:
         files += [base / ".condarc", base / "condarc"]
         d = base / "condarc.d"
-        if d.is_dir():
-            files += sorted(p for p in d.iterdir() if p.suffix in (".yml", ".yaml"))
+        try:
+            names = sorted(e.name for e in os.scandir(d) if e.name.endswith((".yml", ".yaml")))
+        except OSError:
+            continue
+        if len(names) > CONDARC_D_FILES:
+            output.debug(f"reading only the first {CONDARC_D_FILES} of {len(names)} files in "
+                         f"{printable(str(d))}")
+            names = names[:CONDARC_D_FILES]
+        files += [d / n for n in names]
     files.append(home / ".condarc")
     if environ.get("CONDA_PREFIX"):
         files += [Path(environ["CONDA_PREFIX"]) / ".condarc",
@@ -79,24 +97,59 @@ def _condarc_files(environ: Mapping[str, str], home: Path) -> list[Path]:
     return files
 
 
-def _read_envs_dirs(path: Path) -> list[str]:
-    try:
-        text = path.read_text()
-    except OSError:
+def _read_envs_dirs(path: Path, budget: list[int] | None = None) -> list[str]:
+    """``envs_dirs`` of one configuration file; [] when it has none or
+    cannot be used (missing, unreadable, not a regular file, too large,
+    broken YAML): a bad .condarc never breaks staging.  ``budget``: a
+    one-item list of the bytes still allowed to be read, decreased here."""
+    limit = CONDARC_LIMIT if budget is None else min(CONDARC_LIMIT, budget[0])
+    if limit <= 0:
+        output.debug(f"ignoring {printable(str(path))}: the configuration files read before it "
+                     f"already hold {CONDARC_TOTAL >> 20} MiB")
         return []
+    try:
+        raw = read_bounded(path, limit, what="conda configuration file")
+    except FileNotFoundError:
+        return []
+    except (OSError, StageError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+        output.debug(f"ignoring {printable(str(path))}: {reason}")
+        return []
+    if budget is not None:
+        budget[0] -= len(raw)
     try:
         import yaml
 
-        data = yaml.safe_load(text) or {}
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        data = yaml.load(raw.decode("utf-8", "replace"), Loader=loader) or {}
     except Exception as exc:  # a broken .condarc must not break staging
-        output.debug(f"ignoring unreadable {path}: {exc}")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        output.debug(f"ignoring unreadable {printable(str(path))}: {first}")
         return []
     if not isinstance(data, dict):
         return []
     value = data.get("envs_dirs", data.get("envs_path")) or []
     if isinstance(value, str):
         value = [value]
-    return [str(v) for v in value if isinstance(v, (str, os.PathLike))]
+    if not isinstance(value, list):
+        return []
+    return [v for v in value if isinstance(v, str) and v and "\0" not in v]
+
+
+_VAR_RE = re.compile(r"\$(\w+|\{[^}]*\})", re.ASCII)
+
+
+def _expandvars(text: str, environ: Mapping[str, str]) -> str:
+    """``os.path.expandvars`` against ``environ`` (the job's variables, not
+    this process's): unknown variables are left as they are."""
+    if "$" not in text:
+        return text
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1).strip("{}")
+        return environ.get(name, m.group(0))
+
+    return _VAR_RE.sub(sub, text)
 
 
 def envs_dirs(environ: Mapping[str, str] | None = None, home: Path | None = None) -> list[Path]:
@@ -104,7 +157,7 @@ def envs_dirs(environ: Mapping[str, str] | None = None, home: Path | None = None
     home = Path(home or environ.get("HOME") or Path.home())
 
     def expand(p: str) -> Path:
-        p = os.path.expandvars(p)
+        p = _expandvars(p, environ)
         if p.startswith("~"):
             p = str(home) + p[1:]
         return Path(os.path.abspath(p))
@@ -112,8 +165,9 @@ def envs_dirs(environ: Mapping[str, str] | None = None, home: Path | None = None
     found: list[Path] = []
     for var in ("CONDA_ENVS_DIRS", "CONDA_ENVS_PATH"):
         found += [expand(p) for p in environ.get(var, "").split(os.pathsep) if p]
+    budget = [CONDARC_TOTAL]
     for rc in reversed(_condarc_files(environ, home)):
-        found += [expand(p) for p in _read_envs_dirs(rc)]
+        found += [expand(p) for p in _read_envs_dirs(rc, budget)]
     user_dir = home / ".conda" / "envs"
     root = root_prefix(environ)
     if root is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import shutil
 import socket
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import StageError
+from .userfiles import read_bounded
 
 MARKER = ".conda-stage"
 PARENT_PREFIX = "conda-stage-"
@@ -58,12 +60,39 @@ def new_marker(original: Path, name: str, mode: str, *, owner_pid=None, job_id=N
                   created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
 
 
+MARKER_LIMIT = 64 << 10
+
+# Marker fields and the JSON types they may have.
+_MARKER_TYPES = {"original": (str,), "name": (str,), "mode": (str,),
+                 "owner_pid": (int, type(None)), "owner_start": (float, int, type(None)),
+                 "job_id": (str, type(None)), "writable": (bool,), "parent_owned": (bool,),
+                 "host": (str,), "created": (str,), "tool_version": (str,)}
+
+
 def read_marker(prefix: Path) -> Marker | None:
+    """The marker of the staged copy at ``prefix``; None if there is none or
+    it is not a marker conda-stage wrote (wrong types, not a regular file,
+    too large): nothing without a valid marker is ever removed."""
     try:
-        with open(Path(prefix) / MARKER, "rb") as fh:
-            data = json.load(fh)
+        data = json.loads(read_bounded(Path(prefix) / MARKER, MARKER_LIMIT, what="marker"))
+    except (OSError, ValueError, RecursionError, StageError):
+        return None
+    if not isinstance(data, dict) or not set(data) <= set(_MARKER_TYPES):
+        return None
+    for key, value in data.items():
+        types = _MARKER_TYPES[key]
+        if type(value) not in types or (isinstance(value, str) and "\0" in value):
+            return None
+    if data.get("mode") not in ("interactive", "job"):
+        return None
+    pid, start = data.get("owner_pid"), data.get("owner_start")
+    if pid is not None and not 0 <= pid < 1 << 31:
+        return None
+    if start is not None and not math.isfinite(start):
+        return None
+    try:
         return Marker(**data)
-    except (OSError, ValueError, TypeError):
+    except TypeError:  # a required field is missing
         return None
 
 
