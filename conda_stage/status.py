@@ -1,12 +1,12 @@
 """``conda-stage status``: what conda-stage knows about an environment."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 from . import output
 from .autostage import is_enabled
-from .pack import needs_pack
 from .resolve import Env
 from .store import find_copies, owner_alive, staging_base
 from .tarball import Tarball
@@ -22,13 +22,22 @@ def _age(seconds: float) -> str:
 def status_lines(env: Env, base: Path | None = None) -> list[str]:
     lines = [f"Environment:  {env.prefix}",
              f"Auto-staging: {'enabled' if is_enabled(env.prefix) else 'disabled'}"]
-    tarball = Tarball.for_env(env)
-    meta = tarball.read_meta()
+    tarball, side = Tarball.load(env)  # the sidecar, read once
+    try:
+        side = side.check(os.stat(tarball.path))
+    except OSError:
+        side = side.check(None)
+    meta = side.meta
     if meta is None:
-        state = "none" if not tarball.path.exists() else f"{tarball.path} (no valid metadata)"
+        if side.malformed:
+            state = f"{tarball.path} ({side.stale_reason(env)})"
+        elif not tarball.path.exists():
+            state = "none"
+        else:
+            state = f"{tarball.path} (no valid metadata: {side.problem})"
         lines.append(f"Tarball:      {state}")
     else:
-        reason = needs_pack(tarball)
+        reason = side.stale_reason(env)
         freshness = "fresh" if reason is None else f"stale: {reason}"
         age = _age(time.time() - meta.mtime_ns / 1e9)
         lines.append(f"Tarball:      {output.describe_file(tarball.path)}")
