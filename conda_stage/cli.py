@@ -129,14 +129,15 @@ class CondaStage(_App):
 
     def _stage(self, env):
         from .autostage import read_conf
-        from .stage import find_job_copy, stage
+        from .jobdir import find_job_copy
+        from .stage import stage
 
         target = resolve(env)
         conf = read_conf(target.prefix)
         if conf.get("quiet") == "1":
             output.configure(quiet=True)
         if self.path is None:
-            prestaged = find_job_copy(target)
+            prestaged = find_job_copy(target.prefix)
             if prestaged is not None:
                 output.info(f"Using the copy staged for this job: {prestaged}")
                 print(prestaged)
@@ -186,10 +187,27 @@ class Gc(_App):
         if self.jobs:
             from .config import Config
 
-            collect_jobs(Path(Config.load().staging_dir), dry_run=self.dry_run)
+            from .job import SlurmAdapter
+
+            config = Config.load()
+            collect_jobs(Path(config.staging_dir), Path(config.state_dir),
+                         SlurmAdapter.is_alive, dry_run=self.dry_run)
         else:
             collect(staging_base(), dry_run=self.dry_run)
         return 0
+
+
+@CondaStage.subcommand("doctor")
+class Doctor(_App):
+    """Check this node's setup for the scheduler hooks (as root): the site
+    file, the installation, the staging and state folders, free space, the
+    Slurm/SGE hook configuration, FUSE.  Prints one line per check and exits
+    1 if the hooks would refuse something or a user could take it over."""
+
+    def main(self):
+        from .doctor import main as doctor
+
+        return doctor()
 
 
 def main(argv=None) -> int:

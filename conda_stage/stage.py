@@ -124,30 +124,6 @@ def _stage_from(env, meta, fh, tarball, *, path, base, name, writable, owner_pid
     return target
 
 
-def find_job_copy(env: Env, environ=None) -> Path | None:
-    """The copy of ``env`` a batch job's prolog staged, if this runs in such
-    a job (``$CONDA_STAGE_JOB_DIR``, or ``$TMPDIR/conda-stage`` on SGE)."""
-    from .jobstage import read_manifest
-
-    environ = os.environ if environ is None else environ
-    folders = [environ.get("CONDA_STAGE_JOB_DIR")]
-    if environ.get("TMPDIR"):
-        folders.append(os.path.join(environ["TMPDIR"], "conda-stage"))
-    for folder in filter(None, folders):
-        try:
-            if os.stat(folder).st_uid != os.getuid():
-                continue
-        except OSError:
-            continue
-        manifest = read_manifest(Path(folder)) or {}
-        for item in manifest.get("results", []):
-            if item.get("status") == "staged" and item.get("original") == str(env.prefix):
-                marker = read_marker(Path(item["path"]))
-                if marker is not None and marker.original == str(env.prefix):
-                    return Path(item["path"])
-    return None
-
-
 def _check_space(folder: Path, needed: int) -> None:
     try:
         st = os.statvfs(folder)
