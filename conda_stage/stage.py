@@ -1,7 +1,9 @@
 """Stage an environment onto local disk, and unstage it.
 
-stage: make sure the tarball is fresh (pack if not), check the target path
-fits the binary placeholders and the disk has room, stream-extract and
+stage: open the tarball and read its sidecar once, under a shared lock;
+if it is not fresh, pack (interactive) or refuse (job prolog); check the
+target path fits the binary placeholders and the disk has room for at least
+the tarball, stream-extract and
 relocate into a temporary name, mark the copy, make it read-only, rename it
 into place.  unstage: remove a copy (and the folder made for it).
 """
@@ -10,74 +12,140 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
 from . import formats, output
 from .errors import StageError
 from .extract import extract
 from .locking import file_lock
-from .pack import needs_pack, pack
+from .output import printable
+from .pack import pack
 from .relocate import Relocator, check_prefix_fits
 from .resolve import Env
 from .store import (MARKER, new_marker, new_parent, read_marker, remove_copy,
                     remove_tree, staging_base)
-from .tarball import Tarball
+from .tarball import Sidecar, Tarball
+from .userfiles import open_regular
 
 ACTIVATE_HOOK = "etc/conda/activate.d/zzz.conda-stage-auto.sh"
 DEACTIVATE_HOOK = "etc/conda/deactivate.d/000.conda-stage-auto.sh"
 
 
-def open_tarball(env: Env, lock_timeout: float | None = None):
-    """``(meta, file object)`` of the environment's tarball, consistent with
-    each other: read under the shared lock, so never half-way through a
-    repack.  Once open, the file stays readable even if it is replaced."""
-    tarball = Tarball.for_env(env)
-    with file_lock(tarball.lock_path, shared=True, timeout=lock_timeout):
-        meta = tarball.read_meta()
-        if meta is None:
-            return None, None, tarball
-        fh = open(tarball.path, "rb")
-        st = os.fstat(fh.fileno())
-        if (st.st_size, st.st_mtime_ns) != (meta.size, meta.mtime_ns):
+class Opened(NamedTuple):
+    """A tarball opened for staging, with what its sidecar said.  ``fh`` is
+    None when there is no usable tarball; ``sidecar.problem`` says why."""
+
+    tarball: Tarball
+    sidecar: Sidecar
+    fh: BinaryIO | None
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+
+
+def open_tarball(env: Env, lock_timeout: float | None = None,
+                 deadline: float | None = None, waiting: str | None = None) -> Opened:
+    """The environment's tarball, opened, and its sidecar -- read once,
+    under the shared lock (so never half-way through a repack), and checked
+    against the opened file.  Once open, the file stays readable even if it
+    is replaced.  The tarball must be a regular file (a FIFO is refused,
+    never waited on)."""
+    with file_lock(Tarball.lock_for(env), shared=True, timeout=lock_timeout, deadline=deadline,
+                   waiting=waiting):
+        tarball, side = Tarball.load(env)
+        if side.meta is None:
+            return Opened(tarball, side, None)
+        try:
+            fh = open_regular(tarball.path, what="tarball")
+        except FileNotFoundError:
+            return Opened(tarball, side.check(None), None)
+        except OSError as exc:
+            raise StageError(f"Cannot read the tarball {printable(str(tarball.path))}: "
+                             f"{exc.strerror}") from None
+        side = side.check(os.fstat(fh.fileno()))
+        if side.meta is None:
             fh.close()
-            return None, None, tarball
-        return meta, fh, tarball
+            return Opened(tarball, side, None)
+        return Opened(tarball, side, fh)
+
+
+def _time_left(deadline: float | None, what: str) -> float | None:
+    """Seconds until ``deadline`` (None: there is none); a StageError once
+    it has passed."""
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise StageError(f"the time allowed for staging ran out {what}")
+    return left
 
 
 def stage(env: Env, *, path: Path | None = None, base: Path | None = None,
           name: str | None = None, writable: bool = False, owner_pid: int | None = None,
           mode: str = "interactive", job_id: str | None = None,
-          repack: bool = True, lock_timeout: float | None = None) -> Path:
+          repack: bool = True, lock_timeout: float | None = None,
+          deadline: float | None = None) -> Path:
     """Stage ``env``; returns the path of the staged copy.
 
     ``path``: the exact folder to create (must not exist).  Otherwise a new
     ``conda-stage-XXXXXXXX/<name>`` folder under ``base`` (default
     ``$CONDA_STAGE_TMPDIR``, ``$TMPDIR``, ``/tmp``).  With ``repack=False`` a
     missing or stale tarball is an error instead of being rebuilt.
+    ``deadline`` (a ``time.monotonic()`` value) bounds lock waits and
+    extraction: past it, staging stops with a StageError.
+
+    The sidecar is read once, together with opening the tarball; the copy is
+    extracted into ``<parent>/.<name>.partial-<pid of this process>`` and
+    renamed into place when complete.
     """
     if (env.prefix / MARKER).exists():
         raise StageError(f"{env.prefix} is itself a staged copy; stage the original environment")
     output.info(f"Staging current Conda environment ({env.prefix}) to local disk ...")
-    meta, fh = None, None
-    for _attempt in range(3):
-        if repack:
-            pack(env, lock_timeout=lock_timeout)
-        else:
-            reason = needs_pack(Tarball.for_env(env))
-            if reason is not None:
-                raise StageError(f"its tarball must be rebuilt first, because {reason} "
-                                 f"(run 'conda stage --pack {env.prefix}', or activate it once "
-                                 f"interactively)")
-        meta, fh, tarball = open_tarball(env, lock_timeout)
-        if meta is not None or not repack:
+    waiting = f"Waiting for another process packing {env.prefix} ..." if repack else None
+    opened = None
+    for attempt in range(3):
+        _time_left(deadline, "before its tarball could be read")
+        candidate = open_tarball(env, lock_timeout, deadline, waiting=waiting)
+        try:
+            reason = candidate.sidecar.stale_reason(env)
+        except BaseException:
+            candidate.close()
+            raise
+        if reason is None:
+            opened = candidate
             break
-    if meta is None:
+        candidate.close()
+        if not repack:
+            if candidate.sidecar.malformed:
+                raise candidate.sidecar.malformed_error(env)
+            raise StageError(f"its tarball must be rebuilt first, because {reason} "
+                             f"(run 'conda stage --pack {env.prefix}', or activate it once "
+                             f"interactively)")
+        if attempt < 2:
+            _repack(env, reason, lock_timeout, deadline)
+    if opened is None:
         raise StageError(f"No usable tarball for {env.prefix}; run 'conda stage --pack {env.prefix}'")
-    with fh:
-        return _stage_from(env, meta, fh, tarball, path=path, base=base, name=name,
-                           writable=writable, owner_pid=owner_pid, mode=mode, job_id=job_id)
+    with opened.fh:
+        return _stage_from(env, opened.sidecar.meta, opened.fh, opened.tarball, path=path,
+                           base=base, name=name, writable=writable, owner_pid=owner_pid,
+                           mode=mode, job_id=job_id, deadline=deadline)
 
 
-def _stage_from(env, meta, fh, tarball, *, path, base, name, writable, owner_pid, mode, job_id):
+def _repack(env: Env, reason: str, lock_timeout, deadline) -> None:
+    parent = env.prefix.parent
+    if not os.access(parent, os.W_OK):
+        raise StageError(f"Cannot stage {env.prefix}: its tarball must be rebuilt, because "
+                         f"{reason}, but you cannot write to {parent}; ask the environment's "
+                         f"owner to run 'conda stage --pack {env.prefix}'")
+    left = _time_left(deadline, "before its tarball could be rebuilt")
+    timeout = lock_timeout if left is None else (left if lock_timeout is None
+                                                 else min(left, lock_timeout))
+    pack(env, lock_timeout=timeout)
+
+
+def _stage_from(env, meta, fh, tarball, *, path, base, name, writable, owner_pid, mode, job_id,
+                deadline=None):
     name = name or env.name
     if path is not None:
         target = Path(os.path.abspath(path))
@@ -92,7 +160,11 @@ def _stage_from(env, meta, fh, tarball, *, path, base, name, writable, owner_pid
     tmp = parent / f".{name}.partial-{os.getpid()}"
     try:
         check_prefix_fits(str(target), meta.max_prefix_length)
-        _check_space(parent, meta.unpacked_bytes)
+        # Advisory, from the tarball's real size (the sidecar's numbers are
+        # the user's to write): the extractor checks the space actually left
+        # while it writes.
+        _check_space(parent, os.fstat(fh.fileno()).st_size)
+        _time_left(deadline, "before extracting")
         output.info(f"Extracting {output.describe_file(tarball.path)} to {target}")
         marker = new_marker(env.prefix, name, mode, owner_pid=owner_pid, job_id=job_id,
                             writable=writable, parent_owned=parent_owned)
@@ -103,10 +175,13 @@ def _stage_from(env, meta, fh, tarball, *, path, base, name, writable, owner_pid
                 formats.decompressor(fh, meta.format) as stream:
             stats = extract(stream, str(tmp), relocator=relocator, writable=writable,
                             skip=frozenset(skip), extra={MARKER: marker.to_bytes()},
-                            progress=bar.update)
+                            progress=bar.update, deadline=deadline)
         os.rename(tmp, target)
     except BaseException:
-        remove_tree(tmp)
+        try:
+            remove_tree(tmp)
+        except OSError as exc:
+            output.warn(f"Could not remove {tmp}: {exc.strerror}")
         if parent_owned:
             try:
                 parent.rmdir()
@@ -124,15 +199,18 @@ def _stage_from(env, meta, fh, tarball, *, path, base, name, writable, owner_pid
     return target
 
 
-def _check_space(folder: Path, needed: int) -> None:
+def _check_space(folder: Path, at_least: int) -> None:
+    """Refuse early when ``folder`` has less room than ``at_least`` bytes
+    (the compressed tarball: the copy is not smaller).  Advisory only."""
     try:
         st = os.statvfs(folder)
     except OSError:
         return
     free = st.f_bavail * st.f_frsize
-    if needed and free < needed * 1.05 + (16 << 20):
-        raise StageError(f"Not enough free space in {folder}: the environment needs "
-                         f"{needed / 1e6:.0f} MB, {free / 1e6:.0f} MB are free")
+    if free < at_least + (16 << 20):
+        raise StageError(f"Not enough free space in {folder}: the environment needs more than "
+                         f"{at_least / 1e6:.0f} MB (the size of its tarball), "
+                         f"{free / 1e6:.0f} MB are free")
 
 
 def unstage(prefix: Path, *, force: bool = False) -> bool:
