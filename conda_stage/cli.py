@@ -7,7 +7,9 @@ results (the staged path, the status report).
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import traceback
 from pathlib import Path
 
 from plumbum import cli
@@ -16,10 +18,18 @@ from plumbum.cli.application import (ShowCompletion, ShowHelp, ShowHelpAll,
 
 from . import __version__, output
 from .errors import StageError, UsageError
+from .output import printable
 from .formats import FORMATS
 from .resolve import resolve
 
 _ACTIONS = ("--auto-stage", "--pack", "--stage", "--unstage")
+
+
+class _UserOSError(StageError):
+    """An OSError on the way, e.g. on a file of someone else's environment."""
+
+    def __init__(self, exc: OSError):
+        super().__init__(describe_os_error(exc))
 
 
 class _App(cli.Application):
@@ -33,6 +43,17 @@ class _App(cli.Application):
             raise
         except SwitchError as exc:
             raise UsageError(f"{exc} (see 'conda-stage --help')") from None
+
+    def _parse_and_dispatch(self, argv):
+        # plumbum's run() swallows an OSError with errno EINVAL (meant for a
+        # closed stdout on Windows) and exits 1 without a word: report
+        # OSErrors from the work done here ourselves.
+        try:
+            return super()._parse_and_dispatch(argv)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _UserOSError(exc) from exc
 
     def _validate_args(self, swfuncs, tailargs):
         try:
@@ -210,10 +231,50 @@ class Doctor(_App):
         return doctor()
 
 
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C, so that a half-extracted copy
+    is removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum, _frame):
+    raise _Terminated(signum)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an ``OSError``: what failed and on which path(s)."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    names = [n for n in (exc.filename, exc.filename2) if n is not None]
+    if not names:
+        return printable(what)
+    return printable(f"{what}: " + " -> ".join(os.fsdecode(n) if isinstance(n, bytes) else str(n)
+                                             for n in names))
+
+
 def main(argv=None) -> int:
+    """Every user error ends as one ``ERROR:`` line and a non-zero exit
+    status, never a traceback (``--debug`` or ``CONDA_STAGE_DEBUG=1`` add
+    the traceback of unexpected errors)."""
     argv = list(sys.argv if argv is None else argv)
     argv[0] = "conda-stage"
-    output.configure()
+    output.configure(debug="--debug" in argv[1:])
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            previous[sig] = signal.signal(sig, _terminate)
+        except (OSError, ValueError):  # not the main thread
+            pass
+    try:
+        return _run(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(argv) -> int:
     try:
         _inst, code = CondaStage.run(argv, exit=False)
     except StageError as exc:
@@ -222,6 +283,18 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         output.error("Interrupted")
         return 130
+    except _Terminated as exc:
+        output.error(f"Terminated by signal {signal.Signals(exc.signum).name}")
+        return 128 + exc.signum
+    except OSError as exc:
+        output.debug(traceback.format_exc())
+        output.error(describe_os_error(exc))
+        return 1
+    except Exception as exc:  # a bug: still one line, details with --debug
+        output.debug(traceback.format_exc())
+        output.error(f"Internal error: {type(exc).__name__}: {exc} (run with --debug to see "
+                     f"where; please report it)")
+        return 70
     return code or 0
 
 
