@@ -47,6 +47,7 @@ class Job:
     node: str = ""
     spool_dir: Path | None = None
     environ: dict = field(default_factory=dict)  # job variables relevant to conda
+    scheduler_env: dict = field(default_factory=dict)  # for the scheduler's own commands
 
     @property
     def label(self) -> str:
@@ -82,6 +83,7 @@ class SlurmAdapter:
         "comment": "SLURM_JOB_COMMENT",
         "extra": "SLURM_JOB_EXTRA",
         "node": "SLURMD_NODENAME",
+        "conf": "SLURM_CONF",  # where scontrol finds the cluster (set by slurmd)
     }
 
     @classmethod
@@ -96,14 +98,18 @@ class SlurmAdapter:
         folder = JobDir(config.staging_dir, config.state_dir, job_id)
         return Job(scheduler=cls.name, job_id=job_id, task_id=None, account=account,
                    request=parse_text(v["comment"], v["extra"]), workdir=folder.path,
-                   folder=folder, node=v["node"] or "")
+                   folder=folder, node=v["node"] or "",
+                   scheduler_env={"SLURM_CONF": v["conf"]} if v["conf"] else {})
 
     @staticmethod
     def hold(job: Job, reason: str, log) -> int:
         log.warning(f"{job.label}: holding the job (on_error = hold): {reason}")
         try:
-            subprocess.run(["scontrol", "requeuehold", job.job_id], timeout=60,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            r = subprocess.run(["scontrol", "requeuehold", job.job_id], timeout=60,
+                               capture_output=True, text=True,
+                               env={**os.environ, **job.scheduler_env})
+            if r.returncode != 0:
+                log.error(f"{job.label}: scontrol requeuehold failed: {r.stderr.strip()}")
         except (OSError, subprocess.TimeoutExpired) as exc:
             log.error(f"{job.label}: scontrol requeuehold failed: {exc}")
         return 0
