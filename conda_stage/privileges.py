@@ -37,6 +37,9 @@ class Account:
         return cls(pw.pw_name, pw.pw_uid, gid, pw.pw_dir, groups)
 
 
+_MAX_REPORT = 16 << 20
+
+
 class ChildFailed(Exception):
     pass
 
@@ -83,10 +86,16 @@ def run_as(account: Account, func, *args, timeout: float | None = None, **kwargs
             signal.signal(signal.SIGALRM, _alarm)
             signal.alarm(max(1, int(timeout)))
         try:
+            size = 0
             while True:
                 chunk = fh.read(65536)
                 if not chunk:
                     break
+                size += len(chunk)
+                if size > _MAX_REPORT:  # the child runs as the user: bound what root reads
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    raise ChildFailed(f"its report was larger than {_MAX_REPORT} bytes")
                 chunks.append(chunk)
         except _Timeout:
             os.kill(pid, signal.SIGKILL)
