@@ -168,8 +168,7 @@ def _stage_envs(spec: dict, conf: dict) -> dict:
             # tarball; a stale tarball is reported, the job runs unstaged.
             path = stage(env, path=envs / name, name=name, mode="job",
                          job_id=spec["job_id"], repack=False,
-                         lock_timeout=max(0.0, min(conf["lock_timeout"], deadline - t0)),
-                         deadline=deadline)
+                         lock_timeout=conf["lock_timeout"], deadline=deadline)
             results.append({"name": name, "status": "staged", "path": str(path),
                             "original": str(env.prefix),
                             "seconds": round(time.monotonic() - t0, 3)})
