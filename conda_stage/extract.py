@@ -315,6 +315,7 @@ class _Chunks:
         self._view = memoryview(self._buf)
         self._pos = 0
         self._eof = False
+        self._stream = stream
         self._thread = threading.Thread(target=self._fill, args=(stream,),
                                         name="conda-stage-decompress", daemon=True)
         self._thread.start()
@@ -343,6 +344,9 @@ class _Chunks:
     def close(self) -> None:
         """Stop the thread (it must not touch the stream once we return)."""
         self._stop.set()
+        cancel = getattr(self._stream, "cancel", None)
+        if cancel is not None:  # a read waiting for a slow file stops at its next read
+            cancel()
         while self._thread.is_alive():
             try:
                 self._queue.get(timeout=0.05)

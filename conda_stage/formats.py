@@ -83,10 +83,34 @@ def corrupt_archive(what: str) -> UnsafeArchive:
                          f"with 'conda stage --pack --force'")
 
 
+class Cancelled(Exception):
+    """Raised by a reader's source once :meth:`_Reader.cancel` was called."""
+
+
+class _Source:
+    """The compressed file, read by the decompressor through here so that a
+    reader can be cancelled between two reads of a slow file."""
+
+    def __init__(self, fileobj: BinaryIO):
+        self._f = fileobj
+        self.cancelled = False
+
+    def read(self, n: int = -1) -> bytes:
+        if self.cancelled:
+            raise Cancelled("reading the archive was cancelled")
+        return self._f.read(n)
+
+
 class _Reader:
     """Base of the decompressing readers: ``read(n)`` returns at most ``n``
     bytes (possibly fewer), ``b""`` only at the verified end of the
-    compressed data."""
+    compressed data.  ``cancel()`` (from any thread) makes a read that is
+    waiting for the file raise :class:`Cancelled` at the file's next read."""
+
+    _source: _Source
+
+    def cancel(self) -> None:
+        self._source.cancelled = True
 
     def __enter__(self):
         return self
@@ -103,145 +127,152 @@ class _Reader:
 
 _ZSTD_MAGIC = 0xFD2FB528
 _ZSTD_BLOCK_MAX = 128 << 10  # largest block, compressed or not (RFC 8878 3.1.1.2.3)
-_ZSTD_GROUP = 8  # blocks decoded per call
+
+
+class _ZstdFrames:
+    """The frame structure of zstd data, walked as the compressed bytes pass.
+
+    ``stream_reader`` reports a cut frame as a normal end of data (and
+    ``decompressobj`` returns any amount of output for one input chunk), so
+    the frames are followed here instead, at the cost of a few operations
+    per block: frame header, blocks (each announces its size and whether it
+    is the last), optional checksum; skippable frames; any number of frames.
+    At the end of the input :meth:`end` says whether it fell between two
+    frames.  The decompressor checks what is inside the blocks.
+    """
+
+    def __init__(self):
+        self.frames = 0
+        self._state = self._magic
+        self._want = 4  # bytes of the next field
+        self._field = b""
+        self._skip = 0  # bytes of a block body or skippable frame to pass over
+        self._after_skip = None
+        self._checksum = False
+        self._last = False
+
+    def feed(self, data) -> None:
+        pos, n = 0, len(data)
+        while pos < n:
+            if self._skip:
+                take = min(self._skip, n - pos)
+                self._skip -= take
+                pos += take
+                if not self._skip:
+                    self._after_skip()
+                continue
+            take = min(self._want - len(self._field), n - pos)
+            self._field += bytes(data[pos:pos + take])
+            pos += take
+            if len(self._field) == self._want:
+                field, self._field = self._field, b""
+                self._state(int.from_bytes(field, "little"))
+
+    def end(self) -> None:
+        if self._state != self._magic or self._field or self._skip:
+            raise corrupt_archive("the zstd data ends inside a frame")
+        if not self.frames:
+            raise corrupt_archive("no zstd data")
+
+    def _expect(self, state, want: int) -> None:
+        self._state, self._want = state, want
+
+    def _pass(self, n: int, then) -> None:
+        self._skip, self._after_skip = n, then
+        if not n:
+            then()
+
+    def _magic(self, magic: int) -> None:
+        if magic & 0xFFFFFFF0 == 0x184D2A50:
+            self._expect(self._skippable_size, 4)
+        elif magic == _ZSTD_MAGIC:
+            self._expect(self._descriptor, 1)
+        else:
+            raise corrupt_archive("not zstd data" if not self.frames else "data after the last zstd frame")
+
+    def _skippable_size(self, size: int) -> None:
+        self._expect(self._magic, 4)
+        self._pass(size, self._frame_done)
+
+    def _descriptor(self, fhd: int) -> None:
+        single = fhd & 0x20
+        rest = (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + ((1 if single else 0), 2, 4, 8)[fhd >> 6]
+        self._checksum = bool(fhd & 0x04)
+        self._expect(self._block, 3)
+        if rest:
+            self._expect(self._header_rest, rest)
+
+    def _header_rest(self, _value: int) -> None:
+        self._expect(self._block, 3)
+
+    def _block(self, bh: int) -> None:
+        btype, size = (bh >> 1) & 3, bh >> 3
+        if btype == 3 or size > _ZSTD_BLOCK_MAX:
+            raise corrupt_archive("bad zstd block header")
+        self._last = bool(bh & 1)
+        self._pass(1 if btype == 1 else size, self._block_done)
+
+    def _block_done(self) -> None:
+        if not self._last:
+            self._expect(self._block, 3)
+        elif self._checksum:
+            self._expect(self._checksum_done, 4)
+        else:
+            self._frame_done()
+
+    def _checksum_done(self, _value: int) -> None:
+        self._frame_done()
+
+    def _frame_done(self) -> None:
+        self.frames += 1
+        self._expect(self._magic, 4)
+
+
+class _FrameCheckedSource(_Source):
+    """The compressed file, passed through :class:`_ZstdFrames`."""
+
+    def __init__(self, fileobj: BinaryIO):
+        super().__init__(fileobj)
+        self._frames = _ZstdFrames()
+
+    def read(self, n: int = -1) -> bytes:
+        data = super().read(n)
+        if data:
+            self._frames.feed(data)
+        else:
+            self._frames.end()
+        return data
 
 
 class _ZstdReader(_Reader):
-    """zstd frames, decoded a few whole blocks at a time with ``decompressobj()``.
-
-    ``stream_reader`` reports a cut frame as a normal end of data, so the
-    frames are walked here: a frame header, then blocks (each announces its
-    compressed size and decodes to at most 128 KiB, which bounds what one
-    ``decompress()`` call can return however crafted the input), then the
-    optional checksum, after which the decompressor must say ``eof``.  Any
-    number of frames, and skippable frames, may follow one another; input
-    that ends inside one, or that is not a frame, is an error.
-    """
+    """zstd, decompressed by ``stream_reader`` (at most ``n`` bytes per read,
+    however far a crafted stream would expand) from a source that follows
+    the frames, so that a cut frame raises instead of ending the data."""
 
     def __init__(self, fileobj: BinaryIO, read_size: int = 1 << 20):
         import zstandard
 
-        self._zstd = zstandard
-        self._dctx = zstandard.ZstdDecompressor()
-        self._src = fileobj
-        self._read_size = read_size
-        self._in = b""
-        self._pos = 0
-        self._src_eof = False
-        self._out = memoryview(b"")
-        self._blocks = self._decode()
-
-    # -- input
-    def _need(self, n: int) -> bool:
-        """Make ``n`` input bytes available at ``_pos``; False at the end of input."""
-        while len(self._in) - self._pos < n:
-            if self._src_eof:
-                return False
-            data = self._src.read(max(self._read_size, n))
-            if not data:
-                self._src_eof = True
-                return False
-            self._in = self._in[self._pos:] + data
-            self._pos = 0
-        return True
-
-    def _take(self, n: int) -> memoryview:
-        view = memoryview(self._in)[self._pos:self._pos + n]
-        self._pos += n
-        return view
-
-    def _skip(self, n: int) -> None:
-        while n:
-            if not self._need(1):
-                raise corrupt_archive("a zstd skippable frame ends early")
-            take = min(n, len(self._in) - self._pos)
-            self._pos += take
-            n -= take
-
-    def _feed(self, dobj, n: int) -> bytes:
-        try:
-            return dobj.decompress(self._take(n))
-        except self._zstd.ZstdError as exc:
-            raise corrupt_archive(f"zstd: {exc}") from None
-
-    # -- frames
-    def _decode(self):
-        frames = 0
-        while True:
-            if not self._need(4):
-                if len(self._in) > self._pos:
-                    raise corrupt_archive("the zstd data ends inside a frame header")
-                if not frames:
-                    raise corrupt_archive("no zstd data")
-                return
-            magic = int.from_bytes(self._in[self._pos:self._pos + 4], "little")
-            if magic & 0xFFFFFFF0 == 0x184D2A50:  # skippable frame
-                if not self._need(8):
-                    raise corrupt_archive("a zstd skippable frame ends early")
-                size = int.from_bytes(self._in[self._pos + 4:self._pos + 8], "little")
-                self._pos += 8
-                self._skip(size)
-                frames += 1
-                continue
-            if magic != _ZSTD_MAGIC:
-                raise corrupt_archive("not zstd data" if not frames else "data after the last zstd frame")
-            if not self._need(5):
-                raise corrupt_archive("the zstd data ends inside a frame header")
-            fhd = self._in[self._pos + 4]
-            single = fhd & 0x20
-            header = (5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3]
-                      + ((1 if single else 0), 2, 4, 8)[fhd >> 6])
-            if not self._need(header):
-                raise corrupt_archive("the zstd data ends inside a frame header")
-            dobj = self._dctx.decompressobj(write_size=_ZSTD_GROUP * _ZSTD_BLOCK_MAX)
-            self._feed(dobj, header)
-            last = False
-            while not last:
-                # Up to _ZSTD_GROUP whole blocks per call: at most 1 MiB out.
-                size = blocks = 0
-                while blocks < _ZSTD_GROUP and not last:
-                    if not self._need(size + 3):
-                        raise corrupt_archive("the zstd frame ends early")
-                    at = self._pos + size
-                    bh = int.from_bytes(self._in[at:at + 3], "little")
-                    btype, bsize = (bh >> 1) & 3, bh >> 3
-                    if btype == 3 or bsize > _ZSTD_BLOCK_MAX:
-                        raise corrupt_archive("bad zstd block header")
-                    size += 3 + (1 if btype == 1 else bsize)
-                    blocks += 1
-                    last = bh & 1
-                if last and fhd & 0x04:  # content checksum
-                    size += 4
-                if not self._need(size):
-                    raise corrupt_archive("the zstd frame ends early")
-                out = self._feed(dobj, size)
-                if out:
-                    yield out
-            if not dobj.eof:
-                raise corrupt_archive("the zstd frame does not end where its last block does")
-            frames += 1
+        self._error = zstandard.ZstdError
+        self._source = _FrameCheckedSource(fileobj)
+        self._reader = zstandard.ZstdDecompressor().stream_reader(
+            self._source, read_size=read_size, read_across_frames=True, closefd=False)
 
     def read(self, n: int = -1) -> bytes:
-        """Up to ``n`` bytes (fewer when a decoding step ends: like a raw
-        stream, ``b""`` only at the end)."""
-        if not self._out:
-            out = next(self._blocks, None)
-            if out is None:
-                return b""
-            if n is None or n < 0 or len(out) <= n:
-                return out
-            self._out = memoryview(out)
-        if n is None or n < 0:
-            n = len(self._out)
-        take, self._out = self._out[:n], self._out[n:]
-        return take.tobytes()
+        try:
+            return self._reader.read(n)
+        except self._error as exc:
+            raise corrupt_archive(f"zstd: {exc}") from None
+
+    def close(self) -> None:
+        self._reader.close()
 
 
 class _GzipReader(_Reader):
     """gzip, with truncation and corruption as :class:`UnsafeArchive`."""
 
     def __init__(self, fileobj: BinaryIO):
-        self._gz = gzip.GzipFile(fileobj=fileobj, mode="rb")
+        self._source = _Source(fileobj)
+        self._gz = gzip.GzipFile(fileobj=self._source, mode="rb")
 
     def read(self, n: int = -1) -> bytes:
         try:
