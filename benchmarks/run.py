@@ -459,8 +459,7 @@ class Bench:
     def phase_hooks(self):
         lay = self.lay
         n = 20 if self.quick else 50
-        common = {"CONDA_STAGE_DEFAULTS": "/nonexistent", "CONDA_STAGE_SYSLOG": "no",
-                  "CONDA_STAGE_LOG_FILE": ""}
+        common = {}  # the hooks read no settings from their environment
         slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_UID": str(self.user.uid),
                  "SLURM_JOB_GID": str(self.user.gid), "SLURM_JOB_USER": self.user.name,
                  "SLURM_JOB_ACCOUNT": "bench", "SLURM_JOB_PARTITION": "debug",
@@ -499,42 +498,48 @@ class Bench:
         self.res["hooks"] = r
 
     def job_hooks(self, slurm):
-        """A job that declares the environment: prolog stages it, epilog removes it."""
+        """A job that declares the environment: prolog stages it, epilog removes it.
+        The hooks take settings from the site file only: it is written for the
+        run (staging and state folders of the bench, the shared conda root
+        whose envs/ holds the environment) and restored afterwards."""
+        from tests.harness.sitecfg import site_defaults
+
         lay = self.lay
         n = 1 if self.quick else 3
-        staging = lay.base / "jobs"
-        staging.mkdir(exist_ok=True)
-        os.chmod(staging, 0o755)
+        staging, state = lay.base / "jobs", lay.base / "state"
         r = {"prolog": [], "epilog": [], "rm_rf": [], "staged": []}
-        for i in range(n + 1):
-            job = str(5000 + i)
-            env = {**slurm, "SLURM_JOB_ID": job, "SLURM_JOB_COMMENT": f"conda_env={be.ENV_NAME}",
-                   "CONDA_ENVS_PATH": str(lay.mount / "envs"),
-                   "CONDA_STAGE_STAGING_DIR": str(staging), "PATH": "/usr/bin:/bin"}
-            workdir = staging / job
-            self.drop_caches()
-            with self.client_cache():
-                t0 = time.perf_counter()
-                subprocess.run([str(REPO / "prolog/slurm-prolog")], env=env, check=True,
-                               capture_output=True)
-                t_prolog = time.perf_counter() - t0
-            staged = (workdir / "envs" / be.ENV_NAME / ".conda-stage").exists()
-            if not staged:
-                raise RuntimeError(f"the prolog did not stage (manifest: "
-                                   f"{(workdir / 'manifest.json').read_text() if (workdir / 'manifest.json').exists() else 'none'})")
-            subprocess.run(["sync"], check=True)
-            if i < n:  # epilog
-                t0 = time.perf_counter()
-                subprocess.run([str(REPO / "epilog/slurm-epilog")], env=env, check=True,
-                               capture_output=True)
-                r["epilog"].append(time.perf_counter() - t0)
-                if workdir.exists():
-                    raise RuntimeError("the epilog left the job folder behind")
-                r["prolog"].append(t_prolog)
-            else:  # the same tree, removed with rm -rf as root
-                t0 = time.perf_counter()
-                subprocess.run(["rm", "-rf", str(workdir)], check=True)
-                r["rm_rf"].append(time.perf_counter() - t0)
+        with site_defaults(staging_dir=staging, state_dir=state, conda_root=lay.mount,
+                           syslog="no"):
+            for i in range(n + 1):
+                job = str(5000 + i)
+                env = {**slurm, "SLURM_JOB_ID": job,
+                       "SLURM_JOB_COMMENT": f"conda_env={be.ENV_NAME}", "PATH": "/usr/bin:/bin"}
+                workdir = staging / job
+                self.drop_caches()
+                with self.client_cache():
+                    t0 = time.perf_counter()
+                    subprocess.run([str(REPO / "prolog/slurm-prolog")], env=env, check=True,
+                                   capture_output=True)
+                    t_prolog = time.perf_counter() - t0
+                staged = (workdir / "envs" / be.ENV_NAME / ".conda-stage").exists()
+                if not staged:
+                    manifest = state / f"{job}.json"
+                    raise RuntimeError(f"the prolog did not stage (manifest: "
+                                       f"{manifest.read_text() if manifest.exists() else 'none'})")
+                subprocess.run(["sync"], check=True)
+                if i < n:  # epilog
+                    t0 = time.perf_counter()
+                    subprocess.run([str(REPO / "epilog/slurm-epilog")], env=env, check=True,
+                                   capture_output=True)
+                    r["epilog"].append(time.perf_counter() - t0)
+                    if workdir.exists():
+                        raise RuntimeError("the epilog left the job folder behind")
+                    r["prolog"].append(t_prolog)
+                else:  # the same tree, removed with rm -rf as root
+                    t0 = time.perf_counter()
+                    subprocess.run(["rm", "-rf", str(workdir), str(state / f"{job}.json")],
+                                   check=True)
+                    r["rm_rf"].append(time.perf_counter() - t0)
         r["median"] = {k: median(v) for k, v in r.items() if isinstance(v, list) and v}
         say(f"job hooks: prolog {r['median']['prolog']:.2f} s, epilog {r['median']['epilog']:.2f} s, "
             f"rm -rf {r['median']['rm_rf']:.2f} s")
