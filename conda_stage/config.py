@@ -57,6 +57,9 @@ class Config:
     # Seconds a prolog may spend staging, all environments together; what is
     # not staged by then is skipped and the job runs without it.
     prolog_budget: float = 120.0
+    # Seconds an epilog may spend removing a job's folder; what is left then
+    # (millions of files a job left behind) is 'conda-stage gc --jobs' work.
+    epilog_budget: float = 120.0
     # SGE without the JSV: read the conda_env request with 'qstat -j' (one
     # qstat call per job, also for jobs that request nothing).
     sge_read_qstat: bool = False
@@ -84,9 +87,9 @@ class Config:
             if value and (not os.path.isabs(value) or not value.isprintable()):
                 raise UsageError(f"CONDA_STAGE_{name.upper()} must be an absolute path, "
                                  f"not {value!r}")
-        if config.prolog_budget <= 0 or config.lock_timeout < 0:
-            raise UsageError("CONDA_STAGE_PROLOG_BUDGET and CONDA_STAGE_LOCK_TIMEOUT "
-                             "must be positive numbers of seconds")
+        if min(config.prolog_budget, config.epilog_budget) <= 0 or config.lock_timeout < 0:
+            raise UsageError("CONDA_STAGE_PROLOG_BUDGET, CONDA_STAGE_EPILOG_BUDGET and "
+                             "CONDA_STAGE_LOCK_TIMEOUT must be positive numbers of seconds")
         return config
 
 

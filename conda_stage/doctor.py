@@ -129,6 +129,10 @@ def _runs_as_nobody(python: str) -> str | None:
 
 
 def _folder(report: Report, what: str, path: str) -> None:
+    sticky = _open_parent(path)
+    if sticky:
+        report.warn(f"{what} {path} is below {sticky}, where any user can create it first "
+                    f"and so turn staging off on this node: prefer a root-only parent")
     try:
         os.close(open_base(path, create=False))
         report.ok(f"{what} {path} is root's alone")
@@ -138,6 +142,26 @@ def _folder(report: Report, what: str, path: str) -> None:
         else:
             report.fail(f"{what}: {exc}; the hooks refuse it (choose a folder under a "
                         f"root-only parent, e.g. /var/lib/conda-stage/jobs)")
+
+
+def _open_parent(path: str) -> str | None:
+    """The nearest folder above ``path`` that anyone may create entries in
+    (then, at the latest after a reboot cleans it, anyone can create the
+    folders below it before root does)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    chain = []
+    while True:
+        chain.append(parent)
+        if parent == "/":
+            break
+        parent = os.path.dirname(parent)
+    for folder in chain:
+        try:
+            if os.stat(folder).st_mode & 0o002:
+                return folder
+        except OSError:
+            continue
+    return None
 
 
 def _space(report: Report, path: str) -> None:

@@ -89,7 +89,7 @@ def collect_jobs(staging_dir: Path, state_dir: Path, is_active, *,
     if os.geteuid() != 0:
         raise StageError("'conda-stage gc --jobs' removes other users' job folders: run it as root")
     keys = set()
-    for folder, strip in ((staging_dir, ""), (state_dir, ".json")):
+    for folder, strip in ((staging_dir, ""), (state_dir, ".json"), (state_dir, ".told")):
         try:
             fd = open_base(str(folder), create=False)
         except UnsafeBase as exc:

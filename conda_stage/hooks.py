@@ -72,15 +72,11 @@ def task_prolog(adapter, environ) -> int:
     if manifest is None or manifest["user"] != job.account.name:
         return 0
     lines = [f"export {k}={v}" for k, v in exports(manifest, environ).items()]
-    if config.set_tmpdir and os.path.isdir(job.folder.tmp):
-        lines.append(f"export TMPDIR={job.folder.tmp}")
-    try:  # tell the user once per job, not once per task
-        fd = os.open(job.folder.tmp / ".conda-stage-told",
-                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        os.close(fd)
+    tmp = job.folder.user_tmp() if config.set_tmpdir else None
+    if tmp is not None:
+        lines.append(f"export TMPDIR={tmp}")
+    if job.folder.claim_telling():  # tell the user once per job, not once per task
         lines += [f"print {m}" for m in manifest["messages"]]
-    except OSError:
-        pass
     sys.stdout.write("".join(line + "\n" for line in lines))
     return 0
 

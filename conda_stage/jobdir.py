@@ -190,8 +190,9 @@ class JobDir:
                 pass
         return False
 
-    def write_manifest(self, manifest: dict) -> None:
-        """(root) Replace the manifest atomically."""
+    def write_manifest(self, manifest: dict, uid: int | None = None) -> None:
+        """(root) Replace the manifest atomically; with ``uid``, also make the
+        job user's "told" flag next to it (see :meth:`claim_telling`)."""
         data = json.dumps(check_manifest(manifest), indent=1).encode()
         name = f"{self.key}.json"
         with self._dir_fd(self.state, create=True) as state:
@@ -207,6 +208,58 @@ class JobDir:
             finally:
                 os.close(fd)
             os.replace(tmp, name, src_dir_fd=state, dst_dir_fd=state)
+            if uid is not None:
+                told = f"{self.key}.told"
+                _remove_at(state, told)
+                fd = os.open(told, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600, dir_fd=state)
+                try:
+                    os.fchown(fd, uid, -1)
+                finally:
+                    os.close(fd)
+
+    def claim_telling(self) -> bool:
+        """(job user) True once per job: whether this task is the first to
+        tell the job what was staged.  The flag is a file root made for the
+        job user in the root-only state folder, so nobody can plant it."""
+        import fcntl
+
+        try:
+            with self._dir_fd(self.state) as state:
+                fd = os.open(f"{self.key}.told", os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK
+                             | os.O_CLOEXEC, dir_fd=state)
+        except (OSError, StageError):
+            return False
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+                return False
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_size:
+                return False
+            os.write(fd, b"1")
+            return True
+        finally:
+            os.close(fd)
+
+    def user_tmp(self) -> Path | None:
+        """(job user) The job folder's ``tmp/``, if the whole chain is as
+        the prolog made it: a root-only base, a root-owned job folder, and
+        ``tmp/`` the current user's own private folder."""
+        try:
+            with self._dir_fd(self.base) as base:
+                job = _open_dir(self.key, base, str(self.path))
+                try:
+                    if os.fstat(job).st_uid != 0:
+                        return None
+                    st = os.stat(TMP, dir_fd=job, follow_symlinks=False)
+                finally:
+                    os.close(job)
+        except (OSError, StageError):
+            return None
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            return None
+        return self.tmp
 
     def read_manifest(self) -> dict | None:
         """The manifest root wrote, or None."""
@@ -230,14 +283,16 @@ class JobDir:
             finally:
                 os.close(job)
 
-    def remove(self) -> bool:
+    def remove(self, deadline: float | None = None) -> bool:
         """(root) Remove the job folder and the manifest; whether there was
-        anything to remove."""
+        anything to remove.  Past ``deadline`` (time.monotonic()), stop
+        with :class:`OutOfTime`: what is left is gc's."""
         removed = False
-        for folder, name in ((self.base, self.key), (self.state, f"{self.key}.json")):
+        for folder, name in ((self.base, self.key), (self.state, f"{self.key}.json"),
+                             (self.state, f"{self.key}.told")):
             try:
                 with self._dir_fd(folder) as fd:
-                    removed = _remove_at(fd, name) or removed
+                    removed = _remove_at(fd, name, deadline) or removed
             except UnsafeBase:
                 if os.path.lexists(os.path.join(folder, name)):
                     raise
@@ -328,7 +383,11 @@ def one_line(text: str, limit: int = 2000) -> str:
 
 
 # ---------------------------------------------------------------- removal
-def _remove_at(dir_fd: int, name: str) -> bool:
+class OutOfTime(StageError):
+    pass
+
+
+def _remove_at(dir_fd: int, name: str, deadline: float | None = None) -> bool:
     """Remove ``name`` in ``dir_fd`` and everything below it, through file
     descriptors only: symlinks are removed, never followed; a folder swapped
     for something else mid-way is not descended into."""
@@ -339,7 +398,12 @@ def _remove_at(dir_fd: int, name: str) -> bool:
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dir_fd)
         return True
+    import time
+
     for _root, dirs, files, root_fd in os.fwalk(name, topdown=False, dir_fd=dir_fd):
+        if deadline is not None and time.monotonic() > deadline:
+            raise OutOfTime(f"ran out of time removing {name}; 'conda-stage gc --jobs' "
+                            f"removes the rest")
         for entry in files:
             _unlink(entry, root_fd)
         for entry in dirs:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from .config import Config
+from .errors import StageError
 from .job import Job
 from .jobdir import MANIFEST, UnsafeBase, check_manifest, one_line
 from .privileges import ChildFailed, run_as
@@ -66,7 +67,7 @@ def prolog(job: Job, config: Config, log) -> dict | None:
         _discard_copies(job, log)
     if job.folder is not None:
         try:
-            job.folder.write_manifest(manifest)
+            job.folder.write_manifest(manifest, uid=job.account.uid)
         except (OSError, ValueError, UnsafeBase) as exc:
             log.error(f"{job.label}: cannot write the manifest: {one_line(exc)}")
     for item in manifest["results"]:
@@ -224,9 +225,10 @@ def epilog(job: Job, config: Config, log) -> None:
             return
     elif not os.path.lexists(job.workdir):
         return
+    deadline = t0 + config.epilog_budget
     try:
         result = run_as(job.account, _teardown, str(job.workdir), job.folder is None,
-                        timeout=300)
+                        timeout=config.epilog_budget)
         if result["killed"]:
             log.info(f"{job.label}: terminated {result['killed']} leftover processes "
                      f"running from {job.workdir}")
@@ -234,8 +236,8 @@ def epilog(job: Job, config: Config, log) -> None:
         log.error(f"{job.label}: cleaning {job.workdir} as the job user failed: {one_line(exc)}")
     if job.folder is not None:
         try:
-            job.folder.remove()
-        except (OSError, UnsafeBase) as exc:
+            job.folder.remove(deadline)
+        except (OSError, StageError) as exc:
             log.error(f"{job.label}: could not remove {job.workdir}: {one_line(exc)}")
             return
     elif os.path.lexists(job.workdir):

@@ -63,11 +63,34 @@ def open_tarball(env: Env, lock_timeout: float | None = None,
         except OSError as exc:
             raise StageError(f"Cannot read the tarball {printable(str(tarball.path))}: "
                              f"{exc.strerror}") from None
-        side = side.check(os.fstat(fh.fileno()))
+        st = os.fstat(fh.fileno())
+        try:
+            _check_planted(env, tarball, st)
+        except StageError:
+            fh.close()
+            raise
+        side = side.check(st)
         if side.meta is None:
             fh.close()
             return Opened(tarball, side, None)
         return Opened(tarball, side, fh)
+
+
+def _check_planted(env: Env, tarball: Tarball, st: os.stat_result) -> None:
+    """A tarball or sidecar someone else could have put next to a shared
+    environment is not used: each must belong to the environment's owner or
+    to whoever stages it, and must not be writable by everyone."""
+    try:
+        owners = {os.stat(env.prefix).st_uid, os.getuid()}
+        side = os.stat(tarball.meta_path)
+    except OSError:
+        return  # gone meanwhile: the sidecar check reports it
+    for what, info in (("tarball", st), ("sidecar", side)):
+        if info.st_uid not in owners or info.st_mode & 0o002:
+            path = tarball.path if what == "tarball" else tarball.meta_path
+            raise StageError(f"Not using the {what} {printable(str(path))}: it belongs to uid "
+                             f"{info.st_uid}, not to the environment's owner, or anyone may "
+                             f"write it; repack with 'conda stage --pack --force {env.prefix}'")
 
 
 def _time_left(deadline: float | None, what: str) -> float | None:

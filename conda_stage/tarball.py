@@ -26,8 +26,8 @@ META_VERSION = 1
 
 # Limits of what a sidecar may hold.  A real one is a few KB to a few MB
 # (one record of ~300 bytes per file with a prefix placeholder).
-SIDECAR_LIMIT = 64 * MiB
-MAX_RECORDS = 500_000
+SIDECAR_LIMIT = 16 * MiB  # a 50k-file PyTorch environment's is a few MiB
+MAX_RECORDS = 100_000  # bounds the parsed sidecar's memory (~70 MB)
 MAX_TEXT = 4096  # bytes of any string field (PATH_MAX)
 _MAX_INT = (1 << 63) - 1
 _RECORD_MODES = ("text", "binary")

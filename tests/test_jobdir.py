@@ -225,3 +225,25 @@ def test_gc_jobs_carries_on_past_what_it_cannot_remove(base, capsys):
     with pytest.raises(StageError, match="1 job folder"):
         collect_jobs(jobs, state, alive)
     assert (jobs / "7").exists() and not (jobs / "8").exists() and (jobs / "notes").exists()
+
+
+def test_doctor_flags_what_the_hooks_refuse(base):
+    from conda_stage.doctor import run
+
+    site = base / "etc" / "conda-stage"
+    site.parent.mkdir(mode=0o755)
+    sticky = base / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    squatted = sticky / "jobs"
+    squatted.mkdir()
+    os.chown(squatted, NOBODY, NOBODY)
+    site.write_text(f"CONDA_STAGE_STAGING_DIR={squatted}\nCONDA_STAGE_STATE_DIR={base}/state\n")
+    report = run(str(site))
+    text = "\n".join(report.lines)
+    assert f"FAIL  staging folder (staging_dir): {squatted} is owned by uid 65534" in text
+    assert f"warn  staging folder (staging_dir) {squatted} is below {sticky}" in text
+    assert f"ok    state folder (state_dir) {base}/state does not exist yet" in text
+    site.chmod(0o666)
+    report = run(str(site))
+    assert report.failures == 1 and "is writable by group or others" in report.lines[0]

@@ -832,3 +832,27 @@ def test_cli_unexpected_error_is_one_line(env, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 70 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("ERROR: Internal error: ZeroDivisionError")
+
+
+def test_tarball_or_sidecar_planted_by_someone_else_is_refused(tmp_path):
+    """Next to a shared environment, another user's tarball or sidecar (or a
+    world-writable one) is never staged from."""
+    from conda_stage.resolve import Env
+    from conda_stage.stage import _check_planted
+    from conda_stage.tarball import Tarball
+
+    prefix = tmp_path / "envs" / "shared"
+    (prefix / "conda-meta").mkdir(parents=True)
+    env = Env(prefix, "shared")
+    tarball = Tarball.at(env, "tar.zst")
+    tarball.path.write_bytes(b"x")
+    tarball.meta_path.write_text("{}")
+    _check_planted(env, tarball, os.stat(tarball.path))  # the owner's own: fine
+    for path, change in ((tarball.path, lambda p: os.chown(p, 65534, 65534)),
+                         (tarball.meta_path, lambda p: os.chown(p, 65534, 65534)),
+                         (tarball.path, lambda p: p.chmod(0o666))):
+        change(path)
+        with pytest.raises(StageError, match="Not using the"):
+            _check_planted(env, tarball, os.stat(tarball.path))
+        os.chown(path, 0, 0)
+        path.chmod(0o644)
