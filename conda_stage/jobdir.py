@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import StageError
+from .output import printable
 
 MANIFEST = "manifest.json"
 ENVS = "envs"
@@ -373,12 +374,9 @@ def check_manifest(data) -> dict:
     return data
 
 
-def one_line(text: str, limit: int = 2000) -> str:
-    """``text`` as one printable line: control characters escaped."""
-    text = str(text)
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                       for c in text)
+def one_line(text, limit: int = 2000) -> str:
+    """``text`` as one printable line of at most ``limit`` characters."""
+    text = printable(text)
     return text if len(text) <= limit else text[:limit] + "..."
 
 

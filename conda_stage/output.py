@@ -25,28 +25,28 @@ def is_quiet() -> bool:
     return _state["quiet"]
 
 
-_BIDI = frozenset(range(0x202A, 0x202F)) | frozenset(range(0x2066, 0x206A))
-
-
 def printable(text: str) -> str:
-    """``text`` with control characters escaped (``\\x1b``, ``\\n``, ...), so
-    that a user-chosen name can never forge a line, move the cursor or
-    reorder what a terminal shows.  Undecodable bytes of a file name
-    (surrogate escapes) are shown as ``\\xNN``."""
+    """``text`` with every character Python does not call printable escaped
+    (``\\x1b``, ``\\n``, ``\\u202e``, ...), so that a user-chosen name can
+    never forge a line, move the cursor or reorder what a terminal shows.
+    Undecodable bytes of a file name (surrogate escapes) are shown as
+    ``\\xNN``."""
     text = str(text)
     if text.isprintable():
         return text
     out = []
     for ch in text:
         o = ord(ch)
-        if o < 0x20 or 0x7F <= o < 0xA0:
-            out.append(f"\\x{o:02x}")
+        if ch.isprintable():
+            out.append(ch)
         elif 0xDC80 <= o <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
             out.append(f"\\x{o - 0xDC00:02x}")
-        elif 0xD800 <= o <= 0xDFFF or o in (0x2028, 0x2029) or o in _BIDI:
+        elif o < 0x100:
+            out.append(f"\\x{o:02x}")
+        elif o < 0x10000:
             out.append(f"\\u{o:04x}")
         else:
-            out.append(ch)
+            out.append(f"\\U{o:08x}")
     return "".join(out)
 
 
