@@ -112,17 +112,19 @@ def collect_jobs(staging_dir: Path, state_dir: Path, is_active, *,
             failed.append(key)
             continue
         job = JobDir(str(staging_dir), str(state_dir), key)
-        verb = "Would remove" if dry_run else "Removing"
-        output.info(f"{verb} {job.path} (job {key} is not running)")
         if dry_run:
+            output.info(f"Would remove job {key}'s folder and manifest (it is not running)")
             removed.append(job.path)
             continue
         try:
-            job.remove()
-            removed.append(job.path)
-        except (OSError, UnsafeBase) as exc:
-            output.warn(f"Cannot remove {job.path}: {getattr(exc, 'strerror', None) or exc}")
+            gone = job.remove()
+        except (OSError, StageError) as exc:
+            output.warn(f"Cannot remove job {key}'s files: {getattr(exc, 'strerror', None) or exc}")
             failed.append(key)
+            continue
+        for path in gone:
+            output.info(f"Removed {path} (job {key} is not running)")
+        removed += gone
     if not removed and not failed:
         output.info(f"Nothing to collect in {staging_dir}")
     if failed:

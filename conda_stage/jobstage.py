@@ -240,6 +240,10 @@ def epilog(job: Job, config: Config, log) -> None:
         except (OSError, StageError) as exc:
             log.error(f"{job.label}: could not remove {job.workdir}: {one_line(exc)}")
             return
+        if job.folder.exists():
+            log.error(f"{job.label}: left {job.workdir} alone: the staging folder is not "
+                      f"root's alone")
+            return
     elif os.path.lexists(job.workdir):
         log.error(f"{job.label}: could not remove {job.workdir}")
         return

@@ -104,10 +104,10 @@ def test_removal_never_follows_planted_symlinks(base):
     for p in (job.envs / "copy" / "lib", job.envs / "copy"):
         p.chmod(0o555)
     job.write_manifest(_manifest(job.path))
-    assert job.remove() is True
+    assert job.remove() == [job.path, job.manifest_path]
     assert not job.path.exists() and not job.manifest_path.exists()
     assert (victim / "keep").read_text() == "k"
-    assert job.remove() is False  # idempotent
+    assert job.remove() == []  # idempotent
 
 
 def test_leftover_under_the_job_id_is_replaced_not_followed(base):

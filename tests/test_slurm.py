@@ -337,7 +337,7 @@ def test_gc_jobs_removes_folders_of_jobs_slurm_no_longer_runs(slurm_job, cluster
                        capture_output=True, text=True, timeout=120,
                        env={**os.environ, **cluster.env})
     assert r.returncode == 0, r.stderr
-    assert f"INFO: Removing {orphan} (job 7 is not running)" in r.stderr
+    assert f"INFO: Removed {orphan} (job 7 is not running)" in r.stderr
     assert not orphan.exists() and not (STATE / "7.json").exists()
     assert (STAGING / jid / "envs" / env.name).is_dir()  # running: kept
     cluster.cancel(jid)
