@@ -24,9 +24,8 @@ if [ "${CONDA_STAGE:-true}" != "false" ] && [ -z "${__conda_stage_busy:-}" ] \
         echo "WARNING: Cannot auto-stage Conda environment '${CONDA_PREFIX}', because 'conda-stage' was not found" >&2
     elif __conda_stage_path=$("$__conda_stage_exe" --stage --owner-pid "$$" "$CONDA_PREFIX"); then
         echo "INFO: Activating staged Conda environment: ${__conda_stage_path}" >&2
-        # One conda run: activating the copy replaces the original at the
-        # same shell level (as 'conda deactivate; conda activate' would).
         __conda_stage_busy=1
+        conda deactivate
         conda activate "$__conda_stage_path"
         unset __conda_stage_busy
     else
