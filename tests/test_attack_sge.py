@@ -21,10 +21,7 @@ left in any TMPDIR.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import re
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -34,13 +31,13 @@ import pytest
 pytest.register_assert_rewrite("tests.harness.attack")
 
 from tests.harness import attack as A  # noqa: E402
-from tests.harness.sitecfg import hook_python, site_defaults  # noqa: E402
+from tests.harness.sitecfg import hook_python  # noqa: E402
 from tests.harness.users import TEST_BASE, run_as  # noqa: E402
 
 pytestmark = [pytest.mark.sge, pytest.mark.conda]
 
 ROOT = Path(__file__).resolve().parent.parent
-BUDGET = 20
+ENV_PREFIX = "ag"
 HOOK_LOG = TEST_BASE / "attack-sge-hooks.log"
 JOB_TMP = Path("/tmp/JOB.TASK.all.q")   # stands for the jobs' TMPDIRs (the staging area)
 DEFAULT_PYTHON = "/opt/conda-stage/bin/python"   # what the hooks run when the site names none
@@ -54,7 +51,7 @@ def people():
 
 @pytest.fixture(scope="module")
 def envs(conda_site, stage_bin, people):
-    with A.attack_envs(conda_site, stage_bin, people, "ag") as made:
+    with A.attack_envs(conda_site, stage_bin, people, ENV_PREFIX) as made:
         yield made
 
 
@@ -62,45 +59,25 @@ def envs(conda_site, stage_bin, people):
 def cluster(sge_cluster, envs, conda_site):
     hooks = {name: sge_cluster.install_file(ROOT / sub / name)
              for sub, name in (("prolog", "sge-prolog"), ("epilog", "sge-epilog"))}
-    HOOK_LOG.unlink(missing_ok=True)
-    HOOK_LOG.touch()
-    with site_defaults(log_file=HOOK_LOG, syslog="no", conda_root=conda_site.root_prefix,
-                       prolog_budget=BUDGET) as defaults:
+    with A.hook_site(conda_site, HOOK_LOG) as defaults:
         sge_cluster.defaults = defaults
         sge_cluster.attack_hooks = hooks
         yield sge_cluster
 
 
-class SgeAttack:
-    """One attack: setup helpers, job submission and timing, the effect checks."""
+class SgeAttack(A.Attack):
+    """An attack on the SGE hooks: jobs by qsub as the user (environments
+    in ``-l conda_env``, output to a file of our own), never Eqw, a queue
+    without error state, no staged copies left in the jobs' TMPDIRs."""
+
+    kind = "sge"
+    directives = "#$ -S /bin/bash\n"
+    prelude = 'echo "cs_tmpdir=$TMPDIR"\n'
 
     def __init__(self, cluster, people, envs, site):
-        self.cluster, self.people, self.envs, self.site = cluster, people, envs, site
-        self.proof = A.Proof()
-        self.cleanups: list = []
-        self.jobs: list[str] = []
-        self.submitted: dict[str, float] = {}
+        super().__init__(cluster, people, envs, site, hook_log=HOOK_LOG, staging=JOB_TMP)
         self.outputs: dict[str, Path] = {}
-        self.watch = None
-        self.before = None
-        self.saved = {k: A.save_env_files(e) for k, e in envs.items()}
-        self.closed = False
-
-    # -------------------------------------------------------- setup
-    def setting(self, **values) -> None:
-        """Change site settings for this test only (None: remove the line)."""
-        handle = self.cluster.defaults
-        old = {k: handle.values.get(k) for k in values}
-
-        def apply(changes):
-            for k, v in changes.items():
-                if v is None:
-                    handle.values.pop(k, None)
-                else:
-                    handle.values[k] = v
-            handle.update()
-        self.cleanups.append(lambda: apply(old))
-        apply(values)
+        self.tmp_root = Path("/tmp")   # where SGE makes the jobs' TMPDIRs
 
     def request_via(self, via: str, names) -> None:
         """``jsv``: the shipped JSV moves ``-l conda_env`` into the job's
@@ -115,33 +92,23 @@ class SgeAttack:
                                                         "NONE", "all.q"))
         self.setting(sge_read_qstat="yes")
 
-    def begin(self, *, extra=(), volatile=()) -> None:
-        self.watch = A.sensitive_places(self.people, JOB_TMP, extra=extra,
-                                        volatile=[HOOK_LOG, *volatile])
-        self.before = self.watch.take()
-
-    # -------------------------------------------------------- jobs
-    def submit(self, user, body: str = "", names=(), *args: str, env=None) -> str:
+    def _send(self, user, script, names, args, env=None):
         """qsub as ``user`` (``env``: extra variables of the submitting
         shell, for -V); output to a file of our own."""
         wd = self.cluster.work_dir(user)
         tag = uuid.uuid4().hex[:8]
-        script = wd / f"attack-{tag}.sh"
-        A.write_as(script, "#!/bin/bash\n#$ -S /bin/bash\n" + A.JOB_HEAD +
-                   'echo "cs_tmpdir=$TMPDIR"\n' + body + A.JOB_TAIL, user, 0o755)
+        path = A.write_as(wd / f"attack-{tag}.sh", script, user, 0o755)
         out = wd / f"attack-{tag}.out"
         request = ["-l", f"conda_env={':'.join(names)}"] if names else []
-        argv = ["qsub", "-terse", "-j", "y", "-o", str(out), *request, *args, str(script)]
+        argv = ["qsub", "-terse", "-j", "y", "-o", str(out), *request, *args, str(path)]
         t0 = time.time()
         cp = run_as(user, argv, cwd=str(wd), timeout=60,
                     env={"PATH": "/usr/local/bin:/usr/bin:/bin", **(env or {})})
         m = re.match(r"^(\d+)\s*$", cp.stdout)
         assert cp.returncode == 0 and m, f"qsub failed: {cp.stdout} {cp.stderr}"
         jid = m.group(1)
-        self.jobs.append(jid)
-        self.submitted[jid] = t0
         self.outputs[jid] = out
-        return jid
+        return jid, t0
 
     def output(self, jid: str) -> str:
         try:
@@ -149,19 +116,9 @@ class SgeAttack:
         except OSError:
             return ""
 
-    def started_within_budget(self, jid: str) -> float:
-        t0 = self.submitted[jid]
-        limit = BUDGET + A.SLACK
-        A.sleep_until(lambda: "cs_start=" in self.output(jid), limit + 10)
-        start = A.job_values(self.output(jid)).get("cs_start")
-        assert start is not None, (
-            f"job {jid} had not started {limit + 10:.0f} s after submission (prolog budget "
-            f"{BUDGET} s): state {self.cluster.job_state(jid)}; queue "
-            f"{self.cluster.queue_state()!r}\n{self.output(jid)}")
-        elapsed = float(start) - t0
-        assert elapsed <= limit, f"job {jid} started {elapsed:.1f} s after submission " \
-                                 f"(budget {BUDGET} s + {A.SLACK} s)"
-        return elapsed
+    def describe(self, jid: str) -> str:
+        return (f"state {self.cluster.job_state(jid)}; queue "
+                f"{self.cluster.queue_state()!r}\n{self.output(jid)}")
 
     def finish(self, jid: str, timeout: float = 90) -> str:
         """Wait until the job left the queue (epilog done); never Eqw."""
@@ -173,52 +130,48 @@ class SgeAttack:
         assert A.sleep_until(gone, timeout, 0.5), f"job {jid} still queued after {timeout} s"
         return self.output(jid)
 
-    # -------------------------------------------------------- effects
-    def verify(self, *, tmp_root: Path = Path("/tmp")) -> None:
-        root_ran = self.proof.ran_as(0)
-        assert not root_ran, f"root ran the attacker's code: {root_ran}"
-        victim_ran = self.proof.ran_as(self.people.victim.uid)
-        assert not victim_ran, f"the victim ran the attacker's code: {victim_ran}"
-        changes = self.watch.changes(self.before)
-        assert not changes, "outside the staging area:\n" + "\n".join(changes[:40])
+    def completed(self, jid: str) -> None:
+        """(:meth:`finish` saw the job leave the queue, never in error.)"""
+
+    def healthy(self) -> None:
         state = self.cluster.queue_state()
         assert state == "", f"queue instance state {state!r}"
-        left = [str(p) for p in tmp_root.glob("*.all.q") if (p / "conda-stage").exists()]
+
+    def nothing_left(self) -> None:
+        left = [str(p) for p in self.tmp_root.glob("*.all.q") if (p / "conda-stage").exists()]
         assert left == [], f"staged copies left: {left}"
 
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        errors = []
-        for undo in reversed(self.cleanups):
-            try:
-                undo()
-            except Exception as exc:  # noqa: BLE001 - run every cleanup
-                errors.append(exc)
+    @contextlib.contextmanager
+    def staging_on(self, mount: Path):
+        """The queue's tmpdir (where SGE makes each job's TMPDIR) on ``mount``."""
+        self.cluster.qconf("-mattr", "queue", "tmpdir", str(mount), "all.q")
+        self.tmp_root = mount
+        try:
+            yield
+        finally:
+            self.cluster.qconf("-mattr", "queue", "tmpdir", "/tmp", "all.q")
+
+    def clear_jobs(self) -> None:
         left = [j for j in self.jobs if self.cluster.job_state(j) is not None]
         if left:
             self.cluster.run(["qdel", "-f", *left], check=False)
             A.sleep_until(lambda: all(self.cluster.job_state(j) is None for j in left), 60)
-        for saved in self.saved.values():
-            A.restore_env_files(saved)
-        if errors:
-            raise errors[0]
+
+    def staged_copy(self, out: str, name: str) -> str:
+        """``conda activate NAME`` in the job gave the prolog's copy in TMPDIR."""
+        vals = A.job_values(out)
+        prefix = vals.get(f"cs_prefix:{name}", "")
+        assert prefix == f"{vals['cs_tmpdir']}/conda-stage/envs/{name}", \
+            f"{name} not staged:\n{out}"
+        return prefix
 
 
 @pytest.fixture
 def atk(cluster, sge, people, envs, conda_site):
     hooks = cluster.attack_hooks
     cluster.configure(prolog=f"root@{hooks['sge-prolog']}", epilog=f"root@{hooks['sge-epilog']}")
-    attack = SgeAttack(cluster, people, envs, conda_site)
-    attack.proof.reset()
-    yield attack
-    attack.close()
-
-
-def unstaged(out: str, name: str) -> None:
-    copies = A.job_values(out).get("cs_copies", "").split()
-    assert name not in copies, f"{name} was staged: {copies}\n{out}"
+    with SgeAttack(cluster, people, envs, conda_site) as attack:
+        yield attack
 
 
 def staged_in_tmpdir(out: str, name: str) -> None:
@@ -229,14 +182,6 @@ def staged_in_tmpdir(out: str, name: str) -> None:
     assert name in vals.get("cs_copies", "").split(), f"{name} not staged:\n{out}"
     first = env.get("CONDA_ENVS_PATH", "").split(":")[0]
     assert first == f"{vals['cs_tmpdir']}/conda-stage/envs", env.get("CONDA_ENVS_PATH")
-
-
-def staged_copy(out: str, name: str) -> str:
-    """``conda activate NAME`` in the job gave the prolog's copy in TMPDIR."""
-    vals = A.job_values(out)
-    prefix = vals.get(f"cs_prefix:{name}", "")
-    assert prefix == f"{vals['cs_tmpdir']}/conda-stage/envs/{name}", f"{name} not staged:\n{out}"
-    return prefix
 
 
 # ----------------------------------------------------------------- job variables
@@ -297,9 +242,7 @@ def test_job_variables_never_steer_root_hooks(attack, via, atk, people, envs):
     atk.begin()
 
     args = [a for k, v in variables.items() for a in ("-v", f"{k}={v}")]   # one each: quotes
-    jid = atk.submit(attacker, "", [one.name], *args)
-    atk.started_within_budget(jid)
-    out = atk.finish(jid)
+    _jid, out = atk.run(attacker, "", [one.name], *args)
     atk.verify()
     assert not evil_log.exists() and not Path(f"{evil_log}-defaults").exists()
     assert "python" not in atk.proof.tags(), "the evil Python ran"
@@ -319,8 +262,7 @@ def test_forged_spool_dir_and_job_id(via, atk, people, envs, conda_site):
     one, vic = envs["one"], envs["vic"]
     fake = A.user_dir(attacker.home / "cs-attack-spool", attacker, 0o755)
     fake_tmp = A.user_dir(attacker.home / "cs-attack-tmp", attacker, 0o1777)
-    for folder in (fake, fake_tmp):
-        atk.cleanups.append(lambda folder=folder: shutil.rmtree(folder, ignore_errors=True))
+    atk.remove_later(fake, fake_tmp)
     A.write_as(fake / "config", "\n".join([
         f"job_owner={victim.name}", "job_id=999999", "ja_task_id=1", f"tmpdir={fake_tmp}",
         f"uid={victim.uid}", f"gid={victim.gid}", "queue=all.q",
@@ -333,18 +275,16 @@ def test_forged_spool_dir_and_job_id(via, atk, people, envs, conda_site):
 
     forged = {"SGE_JOB_SPOOL_DIR": fake, "JOB_ID": "999999", "SGE_TASK_ID": "1",
               "USER": victim.name, "LOGNAME": victim.name, "TMPDIR": fake_tmp, "TMP": fake_tmp}
-    jid = atk.submit(attacker, A.activate_lines(conda_site.init_file, [one.name]), names,
-                     "-v", ",".join(f"{k}={v}" for k, v in forged.items()))
-    atk.started_within_budget(jid)
-    out = atk.finish(jid)
+    jid, out = atk.run(attacker, A.activate_lines(conda_site.init_file, [one.name]), names,
+                       "-v", ",".join(f"{k}={v}" for k, v in forged.items()))
     atk.verify()
     log = "\n".join(A.hook_log_lines(HOOK_LOG, mark))
     assert "999999" not in log and f"({victim.name})" not in log, log
     assert re.search(rf"job {jid}\S* \({attacker.name}\)", log), log
     A.one_line(out, one.name)
-    staged_copy(out, one.name)
+    atk.staged_copy(out, one.name)
     A.one_line(out, vic.name)
-    unstaged(out, vic.name)
+    A.unstaged(out, vic.name)
 
 
 @pytest.mark.parametrize("how", ["-v", "-V"])
@@ -360,11 +300,9 @@ def test_newline_in_a_variable_reaches_no_environment_file(how, atk, people, env
     atk.begin()
 
     if how == "-v":
-        jid = atk.submit(attacker, "", [one.name], "-v", f"CONDA_ENVS_PATH={value}")
+        _jid, out = atk.run(attacker, "", [one.name], "-v", f"CONDA_ENVS_PATH={value}")
     else:
-        jid = atk.submit(attacker, "", [one.name], "-V", env={"CONDA_ENVS_PATH": value})
-    atk.started_within_budget(jid)
-    out = atk.finish(jid)
+        _jid, out = atk.run(attacker, "", [one.name], "-V", env={"CONDA_ENVS_PATH": value})
     atk.verify()
     env = A.job_env(out)
     assert "LD_PRELOAD" not in env and "CS_ATTACK_INJECTED" not in env, A.attacker_vars(env)
@@ -375,225 +313,64 @@ def test_newline_in_a_variable_reaches_no_environment_file(how, atk, people, env
 DECOY = TEST_BASE / "attack-sge-decoy"
 
 
-def test_job_tampering_with_its_own_copies(atk, people, envs):
-    """During its job the attacker replaces its staged copy by a symlink to
-    a folder of root's and adds symlinks to the victim's home and /etc, a
-    FIFO and a read-only tree; the root epilog follows none of it."""
-    attacker, victim = people.attacker, people.victim
-    one = envs["one"]
-    if DECOY.exists():
-        shutil.rmtree(DECOY)
-    (DECOY / "sub").mkdir(parents=True)
-    (DECOY / "sub" / "precious").write_text("root's\n")
-    atk.cleanups.append(lambda: shutil.rmtree(DECOY, ignore_errors=True))
-    body = f"""d="$TMPDIR/conda-stage"
-chmod u+w "$d" "$d/envs" 2>/dev/null; chmod -R u+w "$d/envs/{one.name}"
-mv "$d/envs/{one.name}" "$d/moved" && ln -s {DECOY} "$d/envs/{one.name}" && echo cs_swapped=1
-ln -s {victim.home} "$d/envs/home"; ln -s /etc "$d/etc"; ln -s {DECOY}/sub "$d/sub"
-mkfifo "$d/fifo"; mkdir -p "$d/ro/a/b" && touch "$d/ro/a/b/f" && chmod -R a-w "$d/ro"
-(cd "$d/moved" && setsid sleep 300 >/dev/null 2>&1 &)
-"""
-    atk.begin(extra=[A.Place(DECOY)])
-
-    jid = atk.submit(attacker, body, [one.name])
-    atk.started_within_budget(jid)
-    out = atk.finish(jid)
-    atk.verify()
-    assert A.job_values(out).get("cs_swapped") == "1", f"the job could not tamper:\n{out}"
+def test_job_tampering_with_its_own_copies(atk):
+    """During its job the attacker replaces its staged copy (in TMPDIR) by a
+    symlink to a folder of root's and adds symlinks to the victim's home and
+    /etc, a FIFO and a read-only tree; the root epilog follows none of it."""
+    A.job_tampering(atk, DECOY, job_dir="$TMPDIR/conda-stage", scratch="$d")
 
 
 # ----------------------------------------------------------------- blocking
-@pytest.mark.parametrize("where", ["condarc", "lock", "tarball"])
-def test_fifo_instead_of_a_user_file_blocks_nothing(where, atk, people, envs):
+@pytest.mark.parametrize("where", A.FIFO_PLACES)
+def test_fifo_instead_of_a_user_file_blocks_nothing(where, atk):
     """A FIFO at ~/.condarc, at the lock file or at the tarball (sidecar made
     to match): the root prolog returns within its budget, the queue stays
     usable."""
-    attacker = people.attacker
-    one = envs["one"]
-    target = {"condarc": attacker.home / ".condarc", "lock": A.lock_path(one),
-              "tarball": one.tarball}[where]
-    A.make_fifo(target, attacker)
-    atk.cleanups.append(lambda: target.unlink(missing_ok=True))
-    atk.cleanups.append(lambda: A.release_fifo_readers(target))
-    if where == "tarball":
-        A.edit_sidecar(one, attacker, size=0, mtime_ns=os.stat(target).st_mtime_ns)
-    atk.begin()
-
-    jid = atk.submit(attacker, "", [one.name])
-    atk.started_within_budget(jid)
-    out = atk.finish(jid)
-    atk.verify()
-    A.one_line(out, one.name)
-    if where == "tarball":
-        unstaged(out, one.name)
+    A.fifo_instead_of_a_user_file(atk, where)
 
 
-def test_lock_held_forever_costs_one_budget_and_only_its_env(atk, people, envs, conda_site):
-    attacker = people.attacker
-    one, two = envs["one"], envs["two"]
-    holder = A.LockHolder(attacker, A.lock_path(one)).start()
-    atk.cleanups.append(holder.stop)
-    atk.begin()
-
-    jid = atk.submit(attacker, A.activate_lines(conda_site.init_file, [two.name]),
-                     [two.name, one.name])
-    atk.started_within_budget(jid)
-    out = atk.finish(jid)
-    atk.verify()
-    A.one_line(out, one.name)
-    unstaged(out, one.name)
-    A.one_line(out, two.name)
-    staged_copy(out, two.name)
+def test_lock_held_forever_costs_one_budget_and_only_its_env(atk):
+    A.lock_held_forever(atk)
 
 
 # ----------------------------------------------------------------- hostile archives
-@pytest.mark.parametrize("bomb", ["tarball", "sidecar"])
-def test_memory_bomb(bomb, atk, people, envs):
-    attacker = people.attacker
-    one = envs["one"]
-    if bomb == "tarball":
-        size = A.write_tarball(one, attacker, A.bomb_chunks(A.original_tar(one)))
-        assert size < 1 << 20, f"the bomb is {size} bytes"
-    else:
-        A.huge_sidecar(one, attacker)
-    atk.begin()
-
-    with A.RssSampler([attacker.uid]) as rss:
-        jid = atk.submit(attacker, "", [one.name])
-        atk.started_within_budget(jid)
-    out = atk.finish(jid)
-    atk.verify()
-    assert rss.samples > 0, "the sampler never saw the prolog's Python"
-    assert rss.peak < A.MAX_PROLOG_RSS, f"prolog RSS peaked at {rss.peak >> 20} MB " \
-                                        f"({rss.peak_what})"
-    A.one_line(out, one.name)
-    if bomb == "tarball":
-        unstaged(out, one.name)
+@pytest.mark.parametrize("bomb", A.BOMBS)
+def test_memory_bomb(bomb, atk):
+    A.memory_bomb(atk, bomb)
 
 
-def test_symlink_chain_and_hard_link_out_of_the_copy(atk, people, envs):
-    attacker = people.attacker
-    one = envs["one"]
-    A.ATTACK_BASE.mkdir(parents=True, exist_ok=True)
-    outside = A.write_as(A.ATTACK_BASE / f"outside-{attacker.name}", "outside\n", attacker)
-    A.write_tarball(one, attacker, [A.body_of(A.original_tar(one)), A.chain_members(outside),
-                                    A.EOF_BLOCKS])
-    atk.begin(extra=[A.Place(outside)])
-
-    jid = atk.submit(attacker, f'echo "cs_nlink=$(stat -c %h {outside})"\n', [one.name])
-    atk.started_within_budget(jid)
-    out = atk.finish(jid)
-    atk.verify()
-    assert A.job_values(out)["cs_nlink"] == "1", f"{outside} was hard-linked during the job"
-    A.one_line(out, one.name)
-    unstaged(out, one.name)
+def test_symlink_chain_and_hard_link_out_of_the_copy(atk):
+    A.symlink_chain_and_hard_link(atk)
 
 
-def test_truncated_tarballs_never_stage(atk, people, envs):
-    attacker = people.attacker
-    one, two = envs["one"], envs["two"]
-    A.write_tarball(one, attacker, [A.truncated_at_header(A.original_tar(one))])
-    A.write_tarball(two, attacker, raw=A.truncated_frame(A.original_tar(two)))
-    atk.begin()
-
-    jid = atk.submit(attacker, "", [one.name, two.name])
-    atk.started_within_budget(jid)
-    out = atk.finish(jid)
-    atk.verify()
-    for env in (one, two):
-        A.one_line(out, env.name)
-        unstaged(out, env.name)
+def test_truncated_tarballs_never_stage(atk):
+    A.truncated_tarballs(atk)
 
 
-def test_one_malformed_sidecar_record_fails_only_its_env(atk, people, envs, conda_site):
-    attacker = people.attacker
-    one, two = envs["one"], envs["two"]
-    A.recraft_benign(two, attacker)   # the control: crafting leaves a usable tarball
-    A.edit_sidecar(one, attacker, records=[["lib/cs-attack", None, "binary"]])
-    atk.begin()
-
-    jid = atk.submit(attacker, A.activate_lines(conda_site.init_file, [two.name]),
-                     [one.name, two.name])
-    atk.started_within_budget(jid)
-    out = atk.finish(jid)
-    atk.verify()
-    A.one_line(out, two.name)
-    staged_copy(out, two.name)
-    A.one_line(out, one.name)
-    unstaged(out, one.name)
+def test_one_malformed_sidecar_record_fails_only_its_env(atk):
+    A.malformed_sidecar_record(atk)
 
 
 # ----------------------------------------------------------------- injection
-FORGED = "1999-01-01T00:00:00 node conda-stage[1] INFO: sge job 1 (root): cs-attack forged"
-
-
-def test_newline_in_condarc_forges_no_log_or_output_line(atk, people, envs):
-    attacker = people.attacker
-    one = envs["one"]
-    condarc = attacker.home / ".condarc"
-    A.write_as(condarc, json.dumps({"envs_dirs": [f"/nonexistent-cs\n{FORGED}",
-                                                  "~/.conda/envs"]}), attacker)
-    atk.cleanups.append(lambda: condarc.unlink(missing_ok=True))
-    mark = A.size_of(HOOK_LOG)
-    atk.begin()
-
-    jid = atk.submit(attacker, "", ["ag-none", one.name])
-    atk.started_within_budget(jid)
-    out = atk.finish(jid)
-    atk.verify()
-    forged = [line for line in A.hook_log_lines(HOOK_LOG, mark) if line.startswith(FORGED[:19])]
-    assert forged == [], f"forged line in {HOOK_LOG}: {forged}"
-    assert not [line for line in out.splitlines() if line.startswith(FORGED[:19])], out
-    A.one_line(out, "ag-none")
+def test_newline_in_condarc_forges_no_log_or_output_line(atk):
+    A.newline_in_condarc(atk, missing=f"{ENV_PREFIX}-none")
 
 
 # ----------------------------------------------------------------- resources
-@contextlib.contextmanager
-def queue_tmpdir(cluster, path: Path):
-    cluster.qconf("-mattr", "queue", "tmpdir", str(path), "all.q")
-    try:
-        yield
-    finally:
-        cluster.qconf("-mattr", "queue", "tmpdir", "/tmp", "all.q")
-
-
-@pytest.mark.parametrize("short", ["bytes", "inodes"])
-def test_staging_filesystem_too_small(short, atk, people, envs):
+@pytest.mark.parametrize("short", A.SHORT_OF)
+def test_staging_filesystem_too_small(short, atk):
     """The queue's tmpdir (where SGE makes each job's TMPDIR, the staging
-    area) is a tmpfs too small in bytes or inodes; the sidecar claims 0
-    unpacked bytes.  One line, nothing left."""
-    attacker = people.attacker
-    one = envs["one"]
-    chunks = (A.filler_chunks(A.original_tar(one), big=48 << 20) if short == "bytes"
-              else A.filler_chunks(A.original_tar(one), files=2000))
-    A.write_tarball(one, attacker, chunks, sidecar={"unpacked_bytes": 0})
-    mount = Path("/mnt") / f"cs-attack-sge-{short}"
-    opts = {"size": "16m"} if short == "bytes" else {"size": "64m", "nr_inodes": 300}
-    with A.small_tmpfs(mount, **opts), queue_tmpdir(atk.cluster, mount):
-        atk.begin()
-        jid = atk.submit(attacker, "", [one.name])
-        atk.started_within_budget(jid)
-        out = atk.finish(jid)
-        atk.verify(tmp_root=mount)
-        assert A.listing(mount) == [], A.listing(mount)
-        A.one_line(out, one.name)
-        unstaged(out, one.name)
-        atk.close()
+    area) is a tmpfs too small in bytes or inodes."""
+    A.staging_filesystem_too_small(atk, short, Path("/mnt") / f"cs-attack-sge-{short}")
 
 
-def test_hostile_tarball_with_on_error_hold_holds_the_job(atk, people, envs):
+def test_hostile_tarball_with_on_error_hold_holds_the_job(atk):
     """CONDA_STAGE_ON_ERROR=hold: a truncated tarball puts the job (not the
     queue) in error state."""
-    attacker = people.attacker
-    one = envs["one"]
-    A.write_tarball(one, attacker, [A.truncated_at_header(A.original_tar(one))])
-    atk.setting(on_error="hold")
-    atk.begin()
-
-    jid = atk.submit(attacker, "", [one.name])
-    atk.cluster.wait_state(jid, "Eqw", timeout=BUDGET + A.SLACK)
+    jid = A.submit_to_hold(atk)
+    atk.cluster.wait_state(jid, "Eqw", timeout=A.BUDGET + A.SLACK)
     assert atk.cluster.queue_state() == ""
     atk.cluster.delete(jid)
     atk.cluster.wait(jid)
     atk.verify()
-    A.one_line(atk.output(jid), one.name)
+    A.one_line(atk.output(jid), atk.envs["one"].name)

@@ -17,6 +17,7 @@ Every test checks effects, after the job left the queue:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,14 +31,13 @@ import pytest
 pytest.register_assert_rewrite("tests.harness.attack")
 
 from tests.harness import attack as A  # noqa: E402
-from tests.harness.sitecfg import site_defaults  # noqa: E402
 from tests.harness.slurm import SBIN_PATH  # noqa: E402
 from tests.harness.users import TEST_BASE  # noqa: E402
 
 pytestmark = [pytest.mark.slurm, pytest.mark.conda]
 
 ROOT = Path(__file__).resolve().parent.parent
-BUDGET = 20
+ENV_PREFIX = "as"
 HOOK_LOG = TEST_BASE / "attack-slurm-hooks.log"
 SQUAT = TEST_BASE / "attack-squat"     # an admin's unwise choice: a 1777 folder
 DECOY = TEST_BASE / "attack-decoy"     # root's precious all-digit folders elsewhere
@@ -61,7 +61,7 @@ def people():
 
 @pytest.fixture(scope="module")
 def envs(conda_site, stage_bin, people):
-    with A.attack_envs(conda_site, stage_bin, people, "as") as made:
+    with A.attack_envs(conda_site, stage_bin, people, ENV_PREFIX) as made:
         yield made
 
 
@@ -72,60 +72,28 @@ def cluster(slurm_cluster, envs, conda_site):
         "task_prolog": str(slurm_cluster.install_file(ROOT / "prolog" / "slurm-task-prolog")),
         "epilog": str(slurm_cluster.install_file(ROOT / "epilog" / "slurm-epilog")),
     }
-    HOOK_LOG.unlink(missing_ok=True)
-    HOOK_LOG.touch()
-    with site_defaults(log_file=HOOK_LOG, syslog="no", conda_root=conda_site.root_prefix,
-                       prolog_budget=BUDGET) as defaults:
+    with A.hook_site(conda_site, HOOK_LOG) as defaults:
         with slurm_cluster.hooks_configured(**hooks, prolog_flags="Alloc"):
             slurm_cluster.defaults = defaults
             yield slurm_cluster
 
 
-class SlurmAttack:
-    """One attack: setup helpers, job submission and timing, the effect checks."""
+class SlurmAttack(A.Attack):
+    """An attack on the Slurm hooks: jobs by sbatch (environments in
+    ``--comment``), output from the cluster, a healthy node, an empty
+    staging base (the product's, and the test's own if it moved it)."""
+
+    kind = "slurm"
 
     def __init__(self, cluster, people, envs, site):
-        self.cluster, self.people, self.envs, self.site = cluster, people, envs, site
-        self.proof = A.Proof()
-        self.cleanups: list = []
-        self.jobs: list[str] = []
-        self.submitted: dict[str, float] = {}
-        self.watch = None
-        self.before = None
-        self.saved = {k: A.save_env_files(e) for k, e in envs.items()}
-        self.closed = False
+        super().__init__(cluster, people, envs, site, hook_log=HOOK_LOG, staging=STAGING,
+                         volatile=[SQUAT, DECOY])
+        self.infos: dict[str, dict] = {}
 
-    # -------------------------------------------------------- setup
-    def setting(self, **values) -> None:
-        """Change site settings for this test only (None: remove the line)."""
-        handle = self.cluster.defaults
-        old = {k: handle.values.get(k) for k in values}
-
-        def apply(changes):
-            for k, v in changes.items():
-                if v is None:
-                    handle.values.pop(k, None)
-                else:
-                    handle.values[k] = v
-            handle.update()
-        self.cleanups.append(lambda: apply(old))
-        apply(values)
-
-    def begin(self, *, staging: Path = STAGING, extra=(), volatile=()) -> None:
-        """Snapshot the sensitive places (call after the attacker's setup)."""
-        self.watch = A.sensitive_places(self.people, staging, extra=extra,
-                                        volatile=[HOOK_LOG, SQUAT, DECOY, *volatile])
-        self.before = self.watch.take()
-
-    # -------------------------------------------------------- jobs
-    def submit(self, user, body: str = "", names=(), *args: str) -> str:
-        script = "#!/bin/bash\n" + A.JOB_HEAD + body + A.JOB_TAIL
+    def _send(self, user, script, names, args):
         comment = [f"--comment=conda_env={':'.join(names)}"] if names else []
         t0 = time.time()
-        jid = self.cluster.submit(user, script, *comment, *args)
-        self.jobs.append(jid)
-        self.submitted[jid] = t0
-        return jid
+        return self.cluster.submit(user, script, *comment, *args), t0
 
     def output(self, jid: str) -> str:
         try:
@@ -133,89 +101,57 @@ class SlurmAttack:
         except OSError:
             return ""
 
-    def started_within_budget(self, jid: str, since: float | None = None) -> float:
-        """Seconds from submission (or ``since``) until the job script ran;
-        fails when that exceeds the prolog budget plus scheduling slack."""
-        t0 = since or self.submitted[jid]
-        limit = BUDGET + A.SLACK
-        A.sleep_until(lambda: "cs_start=" in self.output(jid), limit + 10)
-        start = A.job_values(self.output(jid)).get("cs_start")
+    def describe(self, jid: str) -> str:
         info = self.cluster.job_info(jid)
-        assert start is not None, (
-            f"job {jid} had not started {limit + 10:.0f} s after submission (prolog budget "
-            f"{BUDGET} s): JobState={info.get('JobState')} Reason={info.get('Reason')}; "
-            f"node {self.cluster.node_state()}")
-        elapsed = float(start) - t0
-        assert elapsed <= limit, f"job {jid} started {elapsed:.1f} s after submission " \
-                                 f"(budget {BUDGET} s + {A.SLACK} s)"
-        return elapsed
+        return (f"JobState={info.get('JobState')} Reason={info.get('Reason')}; "
+                f"node {self.cluster.node_state()}")
 
-    def finish(self, jid: str, timeout: float = 120) -> tuple[dict, str]:
-        info = self.cluster.wait(jid, timeout=timeout)
-        return info, self.cluster.output(jid)
+    def finish(self, jid: str, timeout: float = 120) -> str:
+        self.infos[jid] = self.cluster.wait(jid, timeout=timeout)
+        return self.cluster.output(jid)
 
-    # -------------------------------------------------------- effects
-    def verify(self, *, staging: Path = STAGING) -> None:
-        """What must hold after every attack (jobs done, epilogs run)."""
-        root_ran = self.proof.ran_as(0)
-        assert not root_ran, f"root ran the attacker's code: {root_ran}"
-        victim_ran = self.proof.ran_as(self.people.victim.uid)
-        assert not victim_ran, f"the victim ran the attacker's code: {victim_ran}"
-        changes = self.watch.changes(self.before)
-        assert not changes, "outside the staging area:\n" + "\n".join(changes[:40])
+    def completed(self, jid: str) -> None:
+        assert self.infos[jid]["JobState"] == "COMPLETED", self.output(jid)
+
+    def healthy(self) -> None:
         state = self.cluster.node_state()
         assert "drain" not in state and "down" not in state, \
             f"node {state}: {self.cluster.node_reason()}"
-        for folder in {STAGING, staging}:
+
+    def nothing_left(self) -> None:
+        for folder in {STAGING, self.staging}:
             left = A.listing(folder) if folder.is_dir() else []
             assert left == [], f"left behind in {folder}: {left[:20]}"
 
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        errors = []
-        for undo in reversed(self.cleanups):
-            try:
-                undo()
-            except Exception as exc:  # noqa: BLE001 - run every cleanup
-                errors.append(exc)
+    @contextlib.contextmanager
+    def staging_on(self, mount: Path):
+        self.setting(staging_dir=mount)
+        self.staging = mount
+        yield
+
+    def clear_jobs(self) -> None:
         for jid in self.jobs:
             if self.cluster.in_queue(jid):
                 self.cluster.cancel(jid)
-        try:
-            self.cluster.ensure_clean(timeout=90)
-        finally:
-            for saved in self.saved.values():
-                A.restore_env_files(saved)
-        if errors:
-            raise errors[0]
+        self.cluster.ensure_clean(timeout=90)
+
+    def staged_copy(self, out: str, name: str) -> str:
+        """The prefix ``conda activate NAME`` gave in the job: a copy in this
+        job's folder."""
+        vals = A.job_values(out)
+        prefix = vals.get(f"cs_prefix:{name}", "")
+        env = A.job_env(out)
+        job_dir = env.get("CONDA_STAGE_JOB_DIR", "")
+        assert job_dir and prefix == f"{job_dir}/envs/{name}", f"{name} not staged:\n{out}"
+        assert prefix.startswith(f"{STAGING}/"), prefix
+        return prefix
 
 
 @pytest.fixture
 def atk(cluster, people, envs, conda_site):
     cluster.ensure_clean()
-    attack = SlurmAttack(cluster, people, envs, conda_site)
-    attack.proof.reset()
-    yield attack
-    attack.close()
-
-
-def unstaged(out: str, name: str) -> None:
-    copies = A.job_values(out).get("cs_copies", "").split()
-    assert name not in copies, f"{name} was staged: {copies}\n{out}"
-
-
-def staged_copy(out: str, name: str) -> str:
-    """The prefix ``conda activate NAME`` gave in the job: a copy in this
-    job's folder."""
-    vals = A.job_values(out)
-    prefix = vals.get(f"cs_prefix:{name}", "")
-    env = A.job_env(out)
-    job_dir = env.get("CONDA_STAGE_JOB_DIR", "")
-    assert job_dir and prefix == f"{job_dir}/envs/{name}", f"{name} not staged:\n{out}"
-    assert prefix.startswith(f"{STAGING}/"), prefix
-    return prefix
+    with SlurmAttack(cluster, people, envs, conda_site) as attack:
+        yield attack
 
 
 def release(cluster, jid: str) -> None:
@@ -261,8 +197,7 @@ def test_squatted_staging_base_is_refused_and_never_followed(atk, people, envs, 
     atk.setting(staging_dir=base, set_tmpdir="yes")
     so = A.evil_so(atk.proof)
     fake_envs = A.user_dir(attacker.home / "cs-attack-envs", attacker)
-    atk.cleanups.append(lambda: shutil.rmtree(fake_envs, ignore_errors=True))
-    atk.cleanups.append(lambda: shutil.rmtree(SQUAT, ignore_errors=True))
+    atk.remove_later(fake_envs, SQUAT)
     body = A.activate_lines(conda_site.init_file, [vic.name])
     jid_home = atk.submit(victim, body, [vic.name], "--hold")
     jid_manifest = atk.submit(victim, body, [vic.name], "--hold")
@@ -295,10 +230,10 @@ def test_squatted_staging_base_is_refused_and_never_followed(atk, people, envs, 
         release(atk.cluster, jid)
     for jid in (jid_home, jid_manifest):
         atk.started_within_budget(jid, since=t0)
-    results = {jid: atk.finish(jid) for jid in (jid_home, jid_manifest)}
+    outs = {jid: atk.finish(jid) for jid in (jid_home, jid_manifest)}
     gc = gc_jobs(atk.cluster)
     atk.verify()
-    for jid, (info, out) in results.items():
+    for jid, out in outs.items():
         env = A.job_env(out)
         assert A.attacker_vars(env) == {}, f"job {jid}: attacker's variables reached the " \
                                            f"victim's job: {A.attacker_vars(env)}"
@@ -306,9 +241,9 @@ def test_squatted_staging_base_is_refused_and_never_followed(atk, people, envs, 
         assert not env.get("TMPDIR", "").startswith(str(SQUAT)), \
             f"job {jid}: TMPDIR in the attacker's folder: {env['TMPDIR']}"
         assert not A.job_values(out).get(f"cs_prefix:{vic.name}", "").startswith(str(fake_envs))
-        assert info["JobState"] == "COMPLETED", out
+        atk.completed(jid)
         A.one_line(out, vic.name)
-        unstaged(out, vic.name)
+        A.unstaged(out, vic.name)
     shown = gc.stdout + gc.stderr
     A.assert_no_traceback(shown)
     for jid in (jid_home, jid_manifest):
@@ -323,14 +258,9 @@ def test_symlinked_staging_base_is_never_followed(atk, people, envs):
     vic = envs["vic"]
     base = fresh_squat()
     atk.setting(staging_dir=base)
-    atk.cleanups.append(lambda: shutil.rmtree(SQUAT, ignore_errors=True))
-    atk.cleanups.append(lambda: shutil.rmtree(DECOY, ignore_errors=True))
+    atk.remove_later(SQUAT)
     jid = atk.submit(victim, "", [vic.name], "--hold")
-    if DECOY.exists():
-        shutil.rmtree(DECOY)
-    for name in (jid, "4242"):
-        (DECOY / name).mkdir(parents=True)
-        (DECOY / name / "precious").write_text("root's\n")
+    atk.decoy(DECOY, [jid, "4242"])
     os.symlink(DECOY, base)
     A.chown(base, attacker)
     atk.begin(extra=[A.Place(DECOY), A.Place(SQUAT)])
@@ -338,16 +268,16 @@ def test_symlinked_staging_base_is_never_followed(atk, people, envs):
     t0 = time.time()
     release(atk.cluster, jid)
     atk.started_within_budget(jid, since=t0)
-    info, out = atk.finish(jid)
+    out = atk.finish(jid)
     gc = gc_jobs(atk.cluster)
     atk.verify()
     assert (DECOY / jid / "precious").is_file() and (DECOY / "4242" / "precious").is_file()
     shown = gc.stdout + gc.stderr
     A.assert_no_traceback(shown)
     assert str(base / "4242") not in shown and str(DECOY / "4242") not in shown, shown
-    assert info["JobState"] == "COMPLETED", out
+    atk.completed(jid)
     A.one_line(out, vic.name)
-    unstaged(out, vic.name)
+    A.unstaged(out, vic.name)
 
 
 RACE = TEST_BASE / "attack-race"      # root's, but writable by all and not sticky
@@ -364,16 +294,11 @@ def test_base_under_a_user_writable_parent_is_refused_while_swapped(atk, people,
         shutil.rmtree(RACE)
     RACE.mkdir()
     os.chmod(RACE, 0o777)
-    atk.cleanups.append(lambda: shutil.rmtree(RACE, ignore_errors=True))
+    atk.remove_later(RACE)
     base = RACE / "jobs"
     atk.setting(staging_dir=base)
     jids = [atk.submit(attacker, "", [one.name], "--hold") for _ in range(3)]
-    if DECOY.exists():
-        shutil.rmtree(DECOY)
-    for jid in jids:
-        (DECOY / jid).mkdir(parents=True)
-        (DECOY / jid / "precious").write_text("root's\n")
-    atk.cleanups.append(lambda: shutil.rmtree(DECOY, ignore_errors=True))
+    atk.decoy(DECOY, jids)
     racer = A.Racer(attacker, base, DECOY).start()
     atk.cleanups.append(racer.stop)
     atk.begin(extra=[A.Place(DECOY)], volatile=[RACE])
@@ -383,256 +308,76 @@ def test_base_under_a_user_writable_parent_is_refused_while_swapped(atk, people,
         release(atk.cluster, jid)
     for jid in jids:
         atk.started_within_budget(jid, since=t0)
-    results = [atk.finish(jid) for jid in jids]
+    outs = {jid: atk.finish(jid) for jid in jids}
     racer.stop()
     atk.verify()
-    for info, out in results:
-        assert info["JobState"] == "COMPLETED", out
+    for jid, out in outs.items():
+        atk.completed(jid)
         A.one_line(out, one.name)
-        unstaged(out, one.name)
+        A.unstaged(out, one.name)
 
 
-def test_job_tampering_with_its_own_job_folder(atk, people, envs, conda_site):
+def test_job_tampering_with_its_own_job_folder(atk):
     """During its job the attacker replaces its staged copy by a symlink to
     a folder of root's, adds symlinks to the victim's home and /etc, a FIFO
-    and a read-only tree.  The root epilog removes the job folder without
-    following any of it."""
-    attacker, victim = people.attacker, people.victim
-    one = envs["one"]
-    if DECOY.exists():
-        shutil.rmtree(DECOY)
-    (DECOY / "sub").mkdir(parents=True)
-    (DECOY / "sub" / "precious").write_text("root's\n")
-    atk.cleanups.append(lambda: shutil.rmtree(DECOY, ignore_errors=True))
-    body = f"""d="$CONDA_STAGE_JOB_DIR"
-echo "cs_job_dir=$d"
-chmod u+w "$d" "$d/envs" 2>/dev/null; chmod -R u+w "$d/envs/{one.name}"
-mv "$d/envs/{one.name}" "$d/tmp/moved" && ln -s {DECOY} "$d/envs/{one.name}" && echo cs_swapped=1
-ln -s {victim.home} "$d/envs/home"; ln -s /etc "$d/tmp/etc"; ln -s {DECOY}/sub "$d/tmp/sub"
-mkfifo "$d/tmp/fifo"
-mkdir -p "$d/tmp/ro/a/b" && touch "$d/tmp/ro/a/b/f" && chmod -R a-w "$d/tmp/ro"
-(cd "$d/tmp/moved" && setsid sleep 300 >/dev/null 2>&1 &)
-"""
-    atk.begin(extra=[A.Place(DECOY)])
-
-    jid = atk.submit(attacker, body, [one.name])
-    atk.started_within_budget(jid)
-    info, out = atk.finish(jid)
-    atk.verify()
-    assert A.job_values(out).get("cs_swapped") == "1", f"the job could not tamper:\n{out}"
-    assert info["JobState"] == "COMPLETED", out
+    and a read-only tree (in the job folder's ``tmp``).  The root epilog
+    removes the job folder without following any of it."""
+    A.job_tampering(atk, DECOY, job_dir="$CONDA_STAGE_JOB_DIR", scratch="$d/tmp")
 
 
 # ----------------------------------------------------------------- blocking
-@pytest.mark.parametrize("where", ["condarc", "lock", "tarball"])
-def test_fifo_instead_of_a_user_file_blocks_nothing(where, atk, people, envs):
+@pytest.mark.parametrize("where", A.FIFO_PLACES)
+def test_fifo_instead_of_a_user_file_blocks_nothing(where, atk):
     """A FIFO at ~/.condarc, at the lock file or at the tarball (the sidecar
-    made to match it): nobody ever writes to it, so whoever opens it for
-    reading blocks forever.  The prolog returns within its budget."""
-    attacker = people.attacker
-    one = envs["one"]
-    target = {"condarc": attacker.home / ".condarc", "lock": A.lock_path(one),
-              "tarball": one.tarball}[where]
-    A.make_fifo(target, attacker)
-    atk.cleanups.append(lambda: target.unlink(missing_ok=True))
-    atk.cleanups.append(lambda: A.release_fifo_readers(target))
-    if where == "tarball":
-        A.edit_sidecar(one, attacker, size=0, mtime_ns=os.stat(target).st_mtime_ns)
-    atk.begin()
-
-    jid = atk.submit(attacker, "", [one.name])
-    atk.started_within_budget(jid)
-    info, out = atk.finish(jid)
-    atk.verify()
-    assert info["JobState"] == "COMPLETED", out
-    A.one_line(out, one.name)
-    if where == "tarball":
-        unstaged(out, one.name)
+    made to match it), which blocks whoever reads it: the prolog returns
+    within its budget."""
+    A.fifo_instead_of_a_user_file(atk, where)
 
 
-def test_lock_held_forever_costs_one_budget_and_only_its_env(atk, people, envs, conda_site):
-    """The attacker's own process holds the lock of one environment forever
-    (lockf and flock); the job asks for a good one first.  The prolog stops
-    waiting at its budget; the good one is staged."""
-    attacker = people.attacker
-    one, two = envs["one"], envs["two"]
-    holder = A.LockHolder(attacker, A.lock_path(one)).start()
-    atk.cleanups.append(holder.stop)
-    atk.begin()
-
-    jid = atk.submit(attacker, A.activate_lines(conda_site.init_file, [two.name]),
-                     [two.name, one.name])
-    atk.started_within_budget(jid)
-    info, out = atk.finish(jid)
-    atk.verify()
-    assert info["JobState"] == "COMPLETED", out
-    A.one_line(out, one.name)
-    unstaged(out, one.name)
-    A.one_line(out, two.name)
-    staged_copy(out, two.name)
+def test_lock_held_forever_costs_one_budget_and_only_its_env(atk):
+    """The attacker holds one environment's lock forever: the prolog stops
+    waiting at its budget; the good one is staged into the job folder."""
+    A.lock_held_forever(atk)
 
 
 # ----------------------------------------------------------------- hostile archives
-@pytest.mark.parametrize("bomb", ["tarball", "sidecar"])
-def test_memory_bomb(bomb, atk, people, envs):
-    """``tarball``: a tiny tar.zst whose pax header declares an 8 TiB member
-    followed by 640 MB of zeros (and no end).  ``sidecar``: a well-formed
-    sidecar of half a million prefix records (64 MB) next to the real
-    tarball.  Either way the prolog's memory stays bounded."""
-    attacker = people.attacker
-    one = envs["one"]
-    if bomb == "tarball":
-        size = A.write_tarball(one, attacker, A.bomb_chunks(A.original_tar(one)))
-        assert size < 1 << 20, f"the bomb is {size} bytes"
-    else:
-        A.huge_sidecar(one, attacker)
-    atk.begin()
-
-    with A.RssSampler([attacker.uid]) as rss:
-        jid = atk.submit(attacker, "", [one.name])
-        atk.started_within_budget(jid)
-    info, out = atk.finish(jid)
-    atk.verify()
-    assert rss.samples > 0, "the sampler never saw the prolog's Python"
-    assert rss.peak < A.MAX_PROLOG_RSS, f"prolog RSS peaked at {rss.peak >> 20} MB " \
-                                        f"({rss.peak_what})"
-    assert info["JobState"] == "COMPLETED", out
-    A.one_line(out, one.name)
-    if bomb == "tarball":
-        unstaged(out, one.name)
+@pytest.mark.parametrize("bomb", A.BOMBS)
+def test_memory_bomb(bomb, atk):
+    """An 8 TiB member in a tiny tar.zst, or a 64 MB sidecar: the prolog's
+    memory stays bounded."""
+    A.memory_bomb(atk, bomb)
 
 
-def test_symlink_chain_and_hard_link_out_of_the_copy(atk, people, envs):
-    """``s1 -> .``, ``s2 -> s1/..``, ``s3 -> s2/..`` ... each harmless as
-    text, together ``/``; then a hard link and a symlink through the chain
-    to a file outside.  The archive is refused; nothing outside is linked."""
-    attacker = people.attacker
-    one = envs["one"]
-    A.ATTACK_BASE.mkdir(parents=True, exist_ok=True)
-    outside = A.write_as(A.ATTACK_BASE / f"outside-{attacker.name}", "outside\n", attacker)
-    A.write_tarball(one, attacker, [A.body_of(A.original_tar(one)), A.chain_members(outside),
-                                    A.EOF_BLOCKS])
-    atk.begin(extra=[A.Place(outside)])
-
-    jid = atk.submit(attacker, f'echo "cs_nlink=$(stat -c %h {outside})"\n', [one.name])
-    atk.started_within_budget(jid)
-    info, out = atk.finish(jid)
-    atk.verify()
-    assert A.job_values(out)["cs_nlink"] == "1", f"{outside} was hard-linked during the job"
-    assert info["JobState"] == "COMPLETED", out
-    A.one_line(out, one.name)
-    unstaged(out, one.name)
+def test_symlink_chain_and_hard_link_out_of_the_copy(atk):
+    A.symlink_chain_and_hard_link(atk)
 
 
-def test_truncated_tarballs_never_stage(atk, people, envs):
-    """One tarball is a complete zstd frame of a tar cut exactly at a member
-    header (no end-of-archive marker), the other a zstd frame cut short.
-    Neither stages (as an empty or partial environment)."""
-    attacker = people.attacker
-    one, two = envs["one"], envs["two"]
-    A.write_tarball(one, attacker, [A.truncated_at_header(A.original_tar(one))])
-    A.write_tarball(two, attacker, raw=A.truncated_frame(A.original_tar(two)))
-    atk.begin()
-
-    jid = atk.submit(attacker, "", [one.name, two.name])
-    atk.started_within_budget(jid)
-    info, out = atk.finish(jid)
-    atk.verify()
-    assert info["JobState"] == "COMPLETED", out
-    for env in (one, two):
-        A.one_line(out, env.name)
-        unstaged(out, env.name)
+def test_truncated_tarballs_never_stage(atk):
+    A.truncated_tarballs(atk)
 
 
-def test_one_malformed_sidecar_record_fails_only_its_env(atk, people, envs, conda_site):
-    """Env A's sidecar has one malformed prefix record; env B (re-crafted
-    the way every hostile tarball here is, with its original content -- the
-    control that crafting leaves a usable tarball) is fine.  B is staged, A
-    gets one line."""
-    attacker = people.attacker
-    one, two = envs["one"], envs["two"]
-    A.recraft_benign(two, attacker)
-    A.edit_sidecar(one, attacker, records=[["lib/cs-attack", None, "binary"]])
-    atk.begin()
-
-    jid = atk.submit(attacker, A.activate_lines(conda_site.init_file, [two.name]),
-                     [one.name, two.name])
-    atk.started_within_budget(jid)
-    info, out = atk.finish(jid)
-    atk.verify()
-    assert info["JobState"] == "COMPLETED", out
-    A.one_line(out, two.name)
-    staged_copy(out, two.name)
-    A.one_line(out, one.name)
-    unstaged(out, one.name)
+def test_one_malformed_sidecar_record_fails_only_its_env(atk):
+    A.malformed_sidecar_record(atk)
 
 
 # ----------------------------------------------------------------- injection
-FORGED = "1999-01-01T00:00:00 node conda-stage[1] INFO: slurm job 1 (root): cs-attack forged"
-
-
-def test_newline_in_condarc_forges_no_log_or_output_line(atk, people, envs):
-    """~/.condarc's envs_dirs holds a path with a newline followed by a
-    fake log line; the job asks for an environment that does not exist (so
-    the searched folders are reported).  No line of the hooks' log or of the
-    job's output starts with the forged text."""
-    attacker = people.attacker
-    one = envs["one"]
-    condarc = attacker.home / ".condarc"
-    A.write_as(condarc, json.dumps({"envs_dirs": [f"/nonexistent-cs\n{FORGED}",
-                                                  "~/.conda/envs"]}), attacker)
-    atk.cleanups.append(lambda: condarc.unlink(missing_ok=True))
-    mark = A.size_of(HOOK_LOG)
-    atk.begin()
-
-    jid = atk.submit(attacker, "", ["as-none", one.name])
-    atk.started_within_budget(jid)
-    info, out = atk.finish(jid)
-    atk.verify()
-    forged = [line for line in A.hook_log_lines(HOOK_LOG, mark) if line.startswith(FORGED[:19])]
-    assert forged == [], f"forged line in {HOOK_LOG}: {forged}"
-    assert not [line for line in out.splitlines() if line.startswith(FORGED[:19])], out
-    assert info["JobState"] == "COMPLETED", out
-    A.one_line(out, "as-none")
+def test_newline_in_condarc_forges_no_log_or_output_line(atk):
+    A.newline_in_condarc(atk, missing=f"{ENV_PREFIX}-none")
 
 
 # ----------------------------------------------------------------- resources
-@pytest.mark.parametrize("short", ["bytes", "inodes"])
-def test_staging_filesystem_too_small(short, atk, people, envs):
-    """The staging base is a tmpfs too small for the environment, in bytes
-    or in inodes, and the sidecar claims it unpacks to 0 bytes.  One line,
-    nothing left on the filesystem."""
-    attacker = people.attacker
-    one = envs["one"]
-    chunks = (A.filler_chunks(A.original_tar(one), big=48 << 20) if short == "bytes"
-              else A.filler_chunks(A.original_tar(one), files=2000))
-    A.write_tarball(one, attacker, chunks, sidecar={"unpacked_bytes": 0})
-    mount = Path("/mnt") / f"cs-attack-{short}"
-    opts = {"size": "16m"} if short == "bytes" else {"size": "64m", "nr_inodes": 300}
-    with A.small_tmpfs(mount, **opts):
-        atk.setting(staging_dir=mount)
-        atk.begin(staging=mount)
-        jid = atk.submit(attacker, "", [one.name])
-        atk.started_within_budget(jid)
-        info, out = atk.finish(jid)
-        atk.verify(staging=mount)
-        assert info["JobState"] == "COMPLETED", out
-        A.one_line(out, one.name)
-        unstaged(out, one.name)
-        atk.close()   # settings back before the filesystem goes
+@pytest.mark.parametrize("short", A.SHORT_OF)
+def test_staging_filesystem_too_small(short, atk):
+    """The staging base (the site's setting) is a tmpfs too small in bytes
+    or inodes."""
+    A.staging_filesystem_too_small(atk, short, Path("/mnt") / f"cs-attack-{short}")
 
 
-def test_hostile_tarball_with_on_error_hold_holds_the_job(atk, people, envs):
+def test_hostile_tarball_with_on_error_hold_holds_the_job(atk):
     """The admin chose CONDA_STAGE_ON_ERROR=hold: a truncated tarball holds
     the job (no drain, nothing left, nothing outside touched)."""
-    attacker = people.attacker
-    one = envs["one"]
-    A.write_tarball(one, attacker, [A.truncated_at_header(A.original_tar(one))])
-    atk.setting(on_error="hold")
-    atk.begin()
-
-    jid = atk.submit(attacker, "", [one.name])
-    limit = BUDGET + A.SLACK
+    jid = A.submit_to_hold(atk)
+    limit = A.BUDGET + A.SLACK
 
     def held():
         info = atk.cluster.job_info(jid)

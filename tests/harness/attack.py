@@ -23,7 +23,15 @@ against the root hooks, and checks *effects*, not messages alone:
   process (:class:`LockHolder`), small tmpfs staging filesystems
   (:func:`small_tmpfs`);
 * parsing what a job printed (:func:`job_values`, :func:`job_env`,
-  :func:`stage_lines`, :func:`one_line`).
+  :func:`stage_lines`, :func:`one_line`);
+* :class:`Attack` -- one test's attack, everything that does not depend on
+  the scheduler (site settings for the test, snapshots, submission timing
+  against the prolog budget, the effect checks, cleanup); each test module
+  subclasses it for its scheduler (submission, output, waiting, health);
+* the attacks both suites run (:func:`fifo_instead_of_a_user_file`,
+  :func:`memory_bomb`, ... down to :func:`submit_to_hold`) with their
+  parameters (:data:`FIFO_PLACES`, :data:`BOMBS`, :data:`SHORT_OF`): each
+  module's test of the same name calls them with its :class:`Attack`.
 
 PYTEST_DONT_REWRITE is not set: the test modules register this module for
 assertion rewriting before importing it.
@@ -844,3 +852,429 @@ def sleep_until(cond: Callable[[], bool], timeout: float, interval: float = 0.2)
         time.sleep(interval)
     return cond()
 
+
+
+# ----------------------------------------------------------------- the attack
+BUDGET = 20   # the prolog budget (seconds) of the attack suites' site file
+
+
+@contextlib.contextmanager
+def hook_site(site, hook_log: Path):
+    """The site file of an attack suite for the ``with`` block: the hooks log
+    to ``hook_log`` (emptied first), not to syslog, use the test conda and
+    the prolog budget :data:`BUDGET`.  Yields the site file's handle."""
+    from .sitecfg import site_defaults
+
+    hook_log.unlink(missing_ok=True)
+    hook_log.touch()
+    with site_defaults(log_file=hook_log, syslog="no", conda_root=site.root_prefix,
+                       prolog_budget=BUDGET) as defaults:
+        yield defaults
+
+
+class Attack:
+    """One attack: setup helpers, job submission and timing, the effect checks.
+
+    What does not depend on the scheduler lives here; a subclass per
+    scheduler provides how a job is sent (:meth:`_send`), read
+    (:meth:`output`), waited for (:meth:`finish`, :meth:`completed`),
+    described when late (:meth:`describe`), what a healthy scheduler and an
+    empty staging area are (:meth:`healthy`, :meth:`nothing_left`), how a
+    staging area is moved onto a filesystem (:meth:`staging_on`), how the
+    jobs are cleared (:meth:`clear_jobs`) and where a staged copy is
+    (:meth:`staged_copy`).  ``cluster.defaults`` is the site file's handle
+    (:func:`hook_site`)."""
+
+    kind = ""          # "slurm" / "sge", as in the hooks' log lines
+    directives = ""    # job script lines after the shebang
+    prelude = ""       # job script lines after the start time
+
+    def __init__(self, cluster, people: Cast, envs: dict, site, *, hook_log: Path,
+                 staging: Path, volatile: Iterable[Path] = ()):
+        self.cluster, self.people, self.envs, self.site = cluster, people, envs, site
+        self.hook_log = hook_log
+        self.staging = staging                    # the staging area (its parent is watched)
+        self.volatile = [hook_log, *volatile]     # test-base entries that may change
+        self.proof = Proof()
+        self.cleanups: list = []
+        self.jobs: list[str] = []
+        self.submitted: dict[str, float] = {}
+        self.watch = None
+        self.before = None
+        self.saved = {k: save_env_files(e) for k, e in envs.items()}
+        self.closed = False
+        self.proof.reset()
+
+    def __enter__(self) -> "Attack":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -------------------------------------------------------- setup
+    def setting(self, **values) -> None:
+        """Change site settings for this test only (None: remove the line)."""
+        handle = self.cluster.defaults
+        old = {k: handle.values.get(k) for k in values}
+
+        def apply(changes):
+            for k, v in changes.items():
+                if v is None:
+                    handle.values.pop(k, None)
+                else:
+                    handle.values[k] = v
+            handle.update()
+        self.cleanups.append(lambda: apply(old))
+        apply(values)
+
+    def remove_later(self, *paths: Path) -> None:
+        """Remove these folders when the test is done."""
+        for path in paths:
+            self.cleanups.append(lambda path=path: shutil.rmtree(path, ignore_errors=True))
+
+    def decoy(self, folder: Path, names: Iterable[str]) -> Path:
+        """A fresh folder of root's with ``NAME/precious`` for each name
+        (removed afterwards)."""
+        if folder.exists():
+            shutil.rmtree(folder)
+        for name in names:
+            (folder / name).mkdir(parents=True)
+            (folder / name / "precious").write_text("root's\n")
+        self.remove_later(folder)
+        return folder
+
+    def begin(self, *, extra=(), volatile=()) -> None:
+        """Snapshot the sensitive places (call after the attacker's setup)."""
+        self.watch = sensitive_places(self.people, self.staging, extra=extra,
+                                      volatile=[*self.volatile, *volatile])
+        self.before = self.watch.take()
+
+    # -------------------------------------------------------- jobs
+    def submit(self, user: User, body: str = "", names=(), *args: str, **how) -> str:
+        """Submit ``body`` as ``user``'s job requesting the environments
+        ``names`` (``args``: more submission arguments)."""
+        script = "#!/bin/bash\n" + self.directives + JOB_HEAD + self.prelude + body + JOB_TAIL
+        jid, t0 = self._send(user, script, list(names), args, **how)
+        self.jobs.append(jid)
+        self.submitted[jid] = t0
+        return jid
+
+    def run(self, user: User, body: str = "", names=(), *args: str, **how) -> tuple[str, str]:
+        """Submit, check the job started within the budget, wait until it
+        left the queue: its id and output."""
+        jid = self.submit(user, body, names, *args, **how)
+        self.started_within_budget(jid)
+        return jid, self.finish(jid)
+
+    def started_within_budget(self, jid: str, since: float | None = None) -> float:
+        """Seconds from submission (or ``since``) until the job script ran;
+        fails when that exceeds the prolog budget plus scheduling slack."""
+        t0 = since or self.submitted[jid]
+        limit = BUDGET + SLACK
+        sleep_until(lambda: "cs_start=" in self.output(jid), limit + 10)
+        start = job_values(self.output(jid)).get("cs_start")
+        assert start is not None, (
+            f"job {jid} had not started {limit + 10:.0f} s after submission (prolog budget "
+            f"{BUDGET} s): {self.describe(jid)}")
+        elapsed = float(start) - t0
+        assert elapsed <= limit, f"job {jid} started {elapsed:.1f} s after submission " \
+                                 f"(budget {BUDGET} s + {SLACK} s)"
+        return elapsed
+
+    # -------------------------------------------------------- effects
+    def verify(self) -> None:
+        """What must hold after every attack (jobs done, epilogs run)."""
+        root_ran = self.proof.ran_as(0)
+        assert not root_ran, f"root ran the attacker's code: {root_ran}"
+        victim_ran = self.proof.ran_as(self.people.victim.uid)
+        assert not victim_ran, f"the victim ran the attacker's code: {victim_ran}"
+        changes = self.watch.changes(self.before)
+        assert not changes, "outside the staging area:\n" + "\n".join(changes[:40])
+        self.healthy()
+        self.nothing_left()
+
+    def close(self) -> None:
+        """Undo the test's setup, clear its jobs, put the environments'
+        files back."""
+        if self.closed:
+            return
+        self.closed = True
+        errors = []
+        for undo in reversed(self.cleanups):
+            try:
+                undo()
+            except Exception as exc:  # noqa: BLE001 - run every cleanup
+                errors.append(exc)
+        try:
+            self.clear_jobs()
+        finally:
+            for saved in self.saved.values():
+                restore_env_files(saved)
+        if errors:
+            raise errors[0]
+
+    # -------------------------------------------------------- per scheduler
+    def _send(self, user: User, script: str, names: list[str], args, **how) -> tuple[str, float]:
+        """Submit ``script``: the job id and the time just before submitting."""
+        raise NotImplementedError
+
+    def output(self, jid: str) -> str:
+        """What the job printed so far ("" when nothing yet)."""
+        raise NotImplementedError
+
+    def describe(self, jid: str) -> str:
+        """The job's and the scheduler's state, for a job that is late."""
+        raise NotImplementedError
+
+    def finish(self, jid: str) -> str:
+        """Wait until the job left the queue (epilog done); its output."""
+        raise NotImplementedError
+
+    def completed(self, jid: str) -> None:
+        """Assert the finished job completed as the scheduler reports it."""
+        raise NotImplementedError
+
+    def healthy(self) -> None:
+        """Assert the node / queue took no harm."""
+        raise NotImplementedError
+
+    def nothing_left(self) -> None:
+        """Assert nothing staged is left in the staging area."""
+        raise NotImplementedError
+
+    def staging_on(self, mount: Path):
+        """A context manager: the staging area on the filesystem ``mount``."""
+        raise NotImplementedError
+
+    def clear_jobs(self) -> None:
+        """Remove the test's jobs still queued; wait for the node / queue."""
+        raise NotImplementedError
+
+    def staged_copy(self, out: str, name: str) -> str:
+        """Assert ``conda activate NAME`` in the job gave the hooks' copy;
+        its prefix."""
+        raise NotImplementedError
+
+
+def unstaged(out: str, name: str) -> None:
+    copies = job_values(out).get("cs_copies", "").split()
+    assert name not in copies, f"{name} was staged: {copies}\n{out}"
+
+
+# ----------------------------------------------------------------- attacks on either scheduler
+# The bodies of the tests both suites run; each test module names the test
+# (and says what is particular to its scheduler in the docstring).
+FIFO_PLACES = ["condarc", "lock", "tarball"]
+BOMBS = ["tarball", "sidecar"]
+SHORT_OF = ["bytes", "inodes"]
+FORGED = "1999-01-01T00:00:00 node conda-stage[1] INFO: {kind} job 1 (root): cs-attack forged"
+
+
+def job_tampering(atk: Attack, decoy: Path, job_dir: str, scratch: str) -> None:
+    """During its job the attacker replaces its staged copy by a symlink to
+    a folder of root's (``decoy``), adds symlinks to the victim's home and
+    /etc, a FIFO and a read-only tree.  The root epilog removes the copies
+    without following any of it.  ``job_dir``: the job's folder of copies
+    (a shell word), ``scratch``: a folder of the job's inside it."""
+    victim = atk.people.victim
+    one = atk.envs["one"]
+    atk.decoy(decoy, ["sub"])
+    body = f"""d="{job_dir}"
+echo "cs_job_dir=$d"
+chmod u+w "$d" "$d/envs" 2>/dev/null; chmod -R u+w "$d/envs/{one.name}"
+mv "$d/envs/{one.name}" "{scratch}/moved" && ln -s {decoy} "$d/envs/{one.name}" && echo cs_swapped=1
+ln -s {victim.home} "$d/envs/home"; ln -s /etc "{scratch}/etc"; ln -s {decoy}/sub "{scratch}/sub"
+mkfifo "{scratch}/fifo"
+mkdir -p "{scratch}/ro/a/b" && touch "{scratch}/ro/a/b/f" && chmod -R a-w "{scratch}/ro"
+(cd "{scratch}/moved" && setsid sleep 300 >/dev/null 2>&1 &)
+"""
+    atk.begin(extra=[Place(decoy)])
+
+    jid, out = atk.run(atk.people.attacker, body, [one.name])
+    atk.verify()
+    assert job_values(out).get("cs_swapped") == "1", f"the job could not tamper:\n{out}"
+    atk.completed(jid)
+
+
+def fifo_instead_of_a_user_file(atk: Attack, where: str) -> None:
+    """A FIFO at ~/.condarc, at the lock file or at the tarball (the sidecar
+    made to match it): nobody ever writes to it, so whoever opens it for
+    reading blocks forever.  The prolog returns within its budget."""
+    attacker = atk.people.attacker
+    one = atk.envs["one"]
+    target = {"condarc": attacker.home / ".condarc", "lock": lock_path(one),
+              "tarball": one.tarball}[where]
+    make_fifo(target, attacker)
+    atk.cleanups.append(lambda: target.unlink(missing_ok=True))
+    atk.cleanups.append(lambda: release_fifo_readers(target))
+    if where == "tarball":
+        edit_sidecar(one, attacker, size=0, mtime_ns=os.stat(target).st_mtime_ns)
+    atk.begin()
+
+    jid, out = atk.run(attacker, "", [one.name])
+    atk.verify()
+    atk.completed(jid)
+    one_line(out, one.name)
+    if where == "tarball":
+        unstaged(out, one.name)
+
+
+def _bad_and_good(atk: Attack, *, bad: EnabledEnv, good: EnabledEnv, names: list[str]) -> None:
+    """The attacker's job asks for ``names`` (and activates ``good``): the
+    bad one gets one line and no copy, the good one one line and a copy."""
+    jid, out = atk.run(atk.people.attacker, activate_lines(atk.site.init_file, [good.name]),
+                       names)
+    atk.verify()
+    atk.completed(jid)
+    one_line(out, bad.name)
+    unstaged(out, bad.name)
+    one_line(out, good.name)
+    atk.staged_copy(out, good.name)
+
+
+def lock_held_forever(atk: Attack) -> None:
+    """The attacker's own process holds the lock of one environment forever
+    (lockf and flock); the job asks for a good one first.  The prolog stops
+    waiting at its budget; the good one is staged."""
+    attacker = atk.people.attacker
+    one, two = atk.envs["one"], atk.envs["two"]
+    holder = LockHolder(attacker, lock_path(one)).start()
+    atk.cleanups.append(holder.stop)
+    atk.begin()
+    _bad_and_good(atk, bad=one, good=two, names=[two.name, one.name])
+
+
+def memory_bomb(atk: Attack, bomb: str) -> None:
+    """``tarball``: a tiny tar.zst whose pax header declares an 8 TiB member
+    followed by 640 MB of zeros (and no end).  ``sidecar``: a well-formed
+    sidecar of half a million prefix records (64 MB) next to the real
+    tarball.  Either way the prolog's memory stays bounded."""
+    attacker = atk.people.attacker
+    one = atk.envs["one"]
+    if bomb == "tarball":
+        size = write_tarball(one, attacker, bomb_chunks(original_tar(one)))
+        assert size < 1 << 20, f"the bomb is {size} bytes"
+    else:
+        huge_sidecar(one, attacker)
+    atk.begin()
+
+    with RssSampler([attacker.uid]) as rss:
+        jid = atk.submit(attacker, "", [one.name])
+        atk.started_within_budget(jid)
+    out = atk.finish(jid)
+    atk.verify()
+    assert rss.samples > 0, "the sampler never saw the prolog's Python"
+    assert rss.peak < MAX_PROLOG_RSS, f"prolog RSS peaked at {rss.peak >> 20} MB " \
+                                      f"({rss.peak_what})"
+    atk.completed(jid)
+    one_line(out, one.name)
+    if bomb == "tarball":
+        unstaged(out, one.name)
+
+
+def symlink_chain_and_hard_link(atk: Attack) -> None:
+    """``s1 -> .``, ``s2 -> s1/..``, ``s3 -> s2/..`` ... each harmless as
+    text, together ``/``; then a hard link and a symlink through the chain
+    to a file outside.  The archive is refused; nothing outside is linked."""
+    attacker = atk.people.attacker
+    one = atk.envs["one"]
+    ATTACK_BASE.mkdir(parents=True, exist_ok=True)
+    outside = write_as(ATTACK_BASE / f"outside-{attacker.name}", "outside\n", attacker)
+    write_tarball(one, attacker, [body_of(original_tar(one)), chain_members(outside),
+                                  EOF_BLOCKS])
+    atk.begin(extra=[Place(outside)])
+
+    jid, out = atk.run(attacker, f'echo "cs_nlink=$(stat -c %h {outside})"\n', [one.name])
+    atk.verify()
+    assert job_values(out)["cs_nlink"] == "1", f"{outside} was hard-linked during the job"
+    atk.completed(jid)
+    one_line(out, one.name)
+    unstaged(out, one.name)
+
+
+def truncated_tarballs(atk: Attack) -> None:
+    """One tarball is a complete zstd frame of a tar cut exactly at a member
+    header (no end-of-archive marker), the other a zstd frame cut short.
+    Neither stages (as an empty or partial environment)."""
+    attacker = atk.people.attacker
+    one, two = atk.envs["one"], atk.envs["two"]
+    write_tarball(one, attacker, [truncated_at_header(original_tar(one))])
+    write_tarball(two, attacker, raw=truncated_frame(original_tar(two)))
+    atk.begin()
+
+    jid, out = atk.run(attacker, "", [one.name, two.name])
+    atk.verify()
+    atk.completed(jid)
+    for env in (one, two):
+        one_line(out, env.name)
+        unstaged(out, env.name)
+
+
+def malformed_sidecar_record(atk: Attack) -> None:
+    """Env A's sidecar has one malformed prefix record; env B (re-crafted
+    the way every hostile tarball here is, with its original content -- the
+    control that crafting leaves a usable tarball) is fine.  B is staged, A
+    gets one line."""
+    attacker = atk.people.attacker
+    one, two = atk.envs["one"], atk.envs["two"]
+    recraft_benign(two, attacker)
+    edit_sidecar(one, attacker, records=[["lib/cs-attack", None, "binary"]])
+    atk.begin()
+    _bad_and_good(atk, bad=one, good=two, names=[one.name, two.name])
+
+
+def newline_in_condarc(atk: Attack, missing: str) -> None:
+    """~/.condarc's envs_dirs holds a path with a newline followed by a
+    fake log line; the job asks for an environment that does not exist
+    (``missing``, so the searched folders are reported).  No line of the
+    hooks' log or of the job's output starts with the forged text."""
+    attacker = atk.people.attacker
+    one = atk.envs["one"]
+    forged_line = FORGED.format(kind=atk.kind)
+    condarc = attacker.home / ".condarc"
+    write_as(condarc, json.dumps({"envs_dirs": [f"/nonexistent-cs\n{forged_line}",
+                                                "~/.conda/envs"]}), attacker)
+    atk.cleanups.append(lambda: condarc.unlink(missing_ok=True))
+    mark = size_of(atk.hook_log)
+    atk.begin()
+
+    jid, out = atk.run(attacker, "", [missing, one.name])
+    atk.verify()
+    forged = [line for line in hook_log_lines(atk.hook_log, mark)
+              if line.startswith(forged_line[:19])]
+    assert forged == [], f"forged line in {atk.hook_log}: {forged}"
+    assert not [line for line in out.splitlines() if line.startswith(forged_line[:19])], out
+    atk.completed(jid)
+    one_line(out, missing)
+
+
+def staging_filesystem_too_small(atk: Attack, short: str, mount: Path) -> None:
+    """The staging area is a tmpfs at ``mount`` too small for the
+    environment, in bytes or in inodes (``short``), and the sidecar claims
+    it unpacks to 0 bytes.  One line, nothing left on the filesystem."""
+    attacker = atk.people.attacker
+    one = atk.envs["one"]
+    chunks = (filler_chunks(original_tar(one), big=48 << 20) if short == "bytes"
+              else filler_chunks(original_tar(one), files=2000))
+    write_tarball(one, attacker, chunks, sidecar={"unpacked_bytes": 0})
+    opts = {"size": "16m"} if short == "bytes" else {"size": "64m", "nr_inodes": 300}
+    with small_tmpfs(mount, **opts), atk.staging_on(mount):
+        atk.begin()
+        jid, out = atk.run(attacker, "", [one.name])
+        atk.verify()
+        assert listing(mount) == [], listing(mount)
+        atk.completed(jid)
+        one_line(out, one.name)
+        unstaged(out, one.name)
+        atk.close()   # settings back before the filesystem goes
+
+
+def submit_to_hold(atk: Attack) -> str:
+    """The site says CONDA_STAGE_ON_ERROR=hold and the attacker's tarball
+    is truncated: submit the job (after the snapshot); its id."""
+    attacker = atk.people.attacker
+    one = atk.envs["one"]
+    write_tarball(one, attacker, [truncated_at_header(original_tar(one))])
+    atk.setting(on_error="hold")
+    atk.begin()
+    return atk.submit(attacker, "", [one.name])
