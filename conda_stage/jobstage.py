@@ -232,6 +232,8 @@ def epilog(job: Job, config: Config, log) -> None:
         if result["killed"]:
             log.info(f"{job.label}: terminated {result['killed']} leftover processes "
                      f"running from {job.workdir}")
+        for path in result["collected"]:
+            log.info(f"{job.label}: removed {path}, staged by a shell that has exited")
     except (ChildFailed, OSError) as exc:
         log.error(f"{job.label}: cleaning {job.workdir} as the job user failed: {one_line(exc)}")
     if job.folder is not None:
@@ -252,13 +254,23 @@ def epilog(job: Job, config: Config, log) -> None:
 
 def _teardown(workdir: str, remove: bool) -> dict:
     """Runs as the job user: stop what runs from the job folder and (SGE,
-    where the folder is the user's) remove it."""
+    where the folder is the user's) remove it; then collect the user's
+    interactive copies in /tmp whose shell is gone -- e.g. made by a
+    'conda activate' in this job that never reached 'conda deactivate'."""
+    from . import output
+    from .gc import collect
     from .store import remove_tree
 
     killed = terminate_processes_under(Path(workdir))
     if remove:
         remove_tree(Path(workdir))
-    return {"killed": killed}
+    quiet = output.is_quiet()
+    output.configure(quiet=True)
+    try:
+        collected = collect(Path("/tmp"))
+    finally:
+        output.configure(quiet=quiet)
+    return {"killed": killed, "collected": [str(p) for p in collected]}
 
 
 def terminate_processes_under(folder: Path, grace: float = 3.0) -> int:
