@@ -342,3 +342,18 @@ def test_gc_jobs_removes_folders_of_jobs_slurm_no_longer_runs(slurm_job, cluster
     assert (STAGING / jid / "envs" / env.name).is_dir()  # running: kept
     cluster.cancel(jid)
     cluster.wait(jid)
+
+
+def test_epilog_collects_a_copy_the_job_staged_itself(slurm_job, cluster, site_envs):
+    """A job that did not declare the environment but activated it (so the
+    activate hook staged it into /tmp) and ended without 'conda deactivate':
+    the epilog removes that copy too."""
+    env = site_envs["jup"]
+    jid = slurm_job(f'conda activate {env.name}\necho "prefix=$CONDA_PREFIX"')
+    assert cluster.wait(jid)["JobState"] == "COMPLETED"
+    out = cluster.output(jid)
+    copy = values(out)["prefix"]
+    assert re.fullmatch(rf"/tmp/conda-stage-[a-z0-9_]+/{env.name}", copy), out
+    assert not os.path.exists(copy) and not os.path.exists(os.path.dirname(copy))
+    assert re.search(rf"slurm job {jid} \(csalice\): removed {re.escape(copy)}, staged by a "
+                     rf"shell that has exited", HOOK_LOG.read_text())
