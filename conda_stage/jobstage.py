@@ -220,22 +220,20 @@ def exports(manifest: dict | None, environ) -> dict[str, str]:
 # ---------------------------------------------------------------- epilog
 def epilog(job: Job, config: Config, log) -> None:
     t0 = time.monotonic()
-    if job.folder is not None:
-        if not job.folder.exists():
-            return
-    elif not os.path.lexists(job.workdir):
-        return
     deadline = t0 + config.epilog_budget
+    staged = job.folder.exists() if job.folder is not None else os.path.lexists(job.workdir)
     try:
-        result = run_as(job.account, _teardown, str(job.workdir), job.folder is None,
-                        timeout=config.epilog_budget)
+        result = run_as(job.account, _teardown, str(job.workdir) if staged else None,
+                        staged and job.folder is None, timeout=config.epilog_budget)
         if result["killed"]:
             log.info(f"{job.label}: terminated {result['killed']} leftover processes "
                      f"running from {job.workdir}")
         for path in result["collected"]:
             log.info(f"{job.label}: removed {path}, staged by a shell that has exited")
     except (ChildFailed, OSError) as exc:
-        log.error(f"{job.label}: cleaning {job.workdir} as the job user failed: {one_line(exc)}")
+        log.error(f"{job.label}: cleaning up as the job user failed: {one_line(exc)}")
+    if not staged:
+        return
     if job.folder is not None:
         try:
             job.folder.remove(deadline)
@@ -252,7 +250,7 @@ def epilog(job: Job, config: Config, log) -> None:
     log.info(f"{job.label}: removed {job.workdir} in {time.monotonic() - t0:.2f} s")
 
 
-def _teardown(workdir: str, remove: bool) -> dict:
+def _teardown(workdir: str | None, remove: bool) -> dict:
     """Runs as the job user: stop what runs from the job folder and (SGE,
     where the folder is the user's) remove it; then collect the user's
     interactive copies in /tmp whose shell is gone -- e.g. made by a
@@ -261,8 +259,8 @@ def _teardown(workdir: str, remove: bool) -> dict:
     from .gc import collect
     from .store import remove_tree
 
-    killed = terminate_processes_under(Path(workdir))
-    if remove:
+    killed = terminate_processes_under(Path(workdir)) if workdir else 0
+    if workdir and remove:
         remove_tree(Path(workdir))
     quiet = output.is_quiet()
     output.configure(quiet=True)
