@@ -61,7 +61,7 @@ case $hook in
         # ... or a 'conda activate' in the job staged a copy into /tmp itself
         # (gone with the job's shell, collected here).
         [ -e "$state_dir/${SLURM_JOB_ID:-none}.json" ] \
-            || compgen -G "/tmp/conda-stage-*" >/dev/null || exit 0 ;;
+            || compgen -G "/tmp/conda-stage-????????" >/dev/null || exit 0 ;;
     sge-prolog)
         [ -n "${CONDA_STAGE_ENVS+x}" ] || [ "$read_qstat" = yes ] || exit 0 ;;
     sge-epilog)

@@ -109,6 +109,15 @@ def test_wrapper_defaults_agree_with_config():
     assert f"state_dir={Config().state_dir}\n" in text
     assert "read_qstat=no\n" in text and Config().sge_read_qstat is False
     assert f"site={SITE_FILE}\n" in text
+    # The epilog's glob for interactive copies matches the folders the store makes.
+    import fnmatch
+    import tempfile
+
+    from conda_stage.store import new_parent
+
+    with tempfile.TemporaryDirectory() as tmp:
+        made = new_parent(Path(tmp)).name
+    assert '"/tmp/conda-stage-????????"' in text and fnmatch.fnmatch(made, "conda-stage-????????")
 
 
 # ---------------------------------------------------------------- resolution
