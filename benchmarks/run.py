@@ -140,13 +140,11 @@ class Bench:
             if not hook.exists():
                 say("enabling auto-staging of the shared environment (packs it once)")
                 self.sh(f"conda-stage --auto-stage=enable {lay.slow_env}")
-            fixed = (lay.store / "pkgs" / ".bench-pyc-fixed").stat().st_mtime
-            zst = lay.to_store(self.zst)
-            force = "--force" if zst.exists() and zst.stat().st_mtime < fixed else ""
-            self.sh(f"conda-stage --pack {force} -q {lay.slow_env}")  # no-op when fresh
+            self.sh(f"conda-stage --pack -q {lay.slow_env}")  # no-op when fresh
             cp = lay.to_store(self.cp_tarball)
-            if cp.exists() and cp.stat().st_mtime < fixed:
-                cp.unlink()
+            built = (lay.store / f".{be.ENV_NAME}.stamp").stat().st_mtime
+            if cp.exists() and cp.stat().st_mtime < built:
+                cp.unlink()  # it packs an earlier build of the environment
             if not cp.exists():
                 say("packing the conda-pack tarball for the original tool's path")
                 self.pack_condapack(lay.slow_env, self.cp_tarball)

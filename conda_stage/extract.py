@@ -37,7 +37,10 @@ On any error the threads are stopped and the partial tree (folders still
 Files that carry a prefix placeholder are rewritten for the new prefix as
 they are written; modification times are kept (Python's ``.pyc`` checks
 need them) and write permission is left out from the start when the copy is
-to be read-only.
+to be read-only.  The names of the files rewritten are returned
+(``ExtractStats.rewritten``), and ``before_seal`` runs while the folders are
+still writable: the stager recompiles the bytecode of rewritten ``.py``
+files there (:mod:`conda_stage.bytecode`).
 
 Speed (an environment is ~20k small files): a background thread decompresses
 ahead in 1 MiB chunks (zstd and zlib release the GIL), and the tar headers
@@ -108,6 +111,8 @@ class ExtractStats:
     bytes: int = 0
     relocated: int = 0
     skipped: list = field(default_factory=list)
+    #: names (paths inside the environment) of the files relocation rewrote
+    rewritten: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -660,7 +665,8 @@ class _Writers:
 def extract(stream, dest: str, *, relocator: Relocator | None = None,
             writable: bool = False, skip: frozenset = frozenset(),
             extra: dict | None = None, progress=None, threads: int | None = None,
-            deadline: float | None = None, reserve: Reserve | None = Reserve()) -> ExtractStats:
+            deadline: float | None = None, reserve: Reserve | None = Reserve(),
+            before_seal=None) -> ExtractStats:
     """Extract the tar read from ``stream`` into the new directory ``dest``.
 
     ``skip`` names members (paths inside the environment) not to write;
@@ -670,7 +676,10 @@ def extract(stream, dest: str, *, relocator: Relocator | None = None,
     mostly contend for the folders' locks in the kernel and for the GIL).
     ``deadline``: a :func:`time.monotonic` value after which extraction stops
     with a :class:`StageError`.  ``reserve``: the free space to leave on the
-    destination's filesystem (``None``: no check).
+    destination's filesystem (``None``: no check).  ``before_seal(dest,
+    stats)`` is called once every file is written, before the folders get
+    their final modes (read-only unless ``writable``): the last moment
+    anything can still be changed in the copy.
 
     Raises :class:`UnsafeArchive` for an archive that must not be extracted
     and :class:`StageError` for anything else (space, time, OS errors); the
@@ -789,6 +798,8 @@ def extract(stream, dest: str, *, relocator: Relocator | None = None,
                 _write_all(fd, data)
             finally:
                 os.close(fd)
+        if before_seal is not None:
+            before_seal(dest, stats)
         # Directories last, deepest first, once nothing more is written into them.
         for name in sorted(dir_modes, key=lambda n: n.count("/") + (n != ""), reverse=True):
             mode = (dir_modes[name] | 0o700) & wmask
@@ -816,6 +827,7 @@ def _write_file(chunks, writers, space, clock, ti, path, name, wmask, relocator,
         data = relocator.apply(name, raw)
         if data is not raw and data != raw:
             stats.relocated += 1
+            stats.rewritten.append(name)
         del raw
         pieces = [data]
         written = len(data)

@@ -27,7 +27,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
-from . import __version__, formats, output
+from . import __version__, bytecode, formats, output
 from .errors import PackError
 from .fingerprint import fingerprint
 from .locking import file_lock
@@ -150,11 +150,13 @@ def _conda_pack_reads_from(ahead: _ReadAhead | None):
 class _TarWriter:
     """The ``add``/``add_bytes`` interface conda-pack's ``Packer`` writes to."""
 
-    def __init__(self, stream, ahead: _ReadAhead | None = None):
+    def __init__(self, stream, ahead: _ReadAhead | None = None,
+                 repair: bytecode.PackRepair | None = None):
         self.tar = tarfile.open(fileobj=stream, mode="w", format=tarfile.PAX_FORMAT)
         self._inodes: dict[tuple[int, int], str] = {}
         self.files = 0
         self._ahead = ahead
+        self._repair = repair
 
     def _info(self, source: str, target: str, st=None) -> tarfile.TarInfo:
         if st is None:
@@ -178,6 +180,13 @@ class _TarWriter:
         return ti
 
     def add(self, source: str, target: str) -> None:
+        if self._repair is not None and self._repair.defer(target):
+            if self._ahead is not None:
+                self._ahead.take(source)  # not needed: frees its place in the window
+            return  # a stale .pyc: its fresh replacement is added at the end
+        self._add(source, target)
+
+    def _add(self, source: str, target: str) -> None:
         got = self._ahead.take(source) if self._ahead is not None else None
         ti = self._info(source, target, got[0] if got else None)
         self.files += 1
@@ -196,6 +205,20 @@ class _TarWriter:
         ti.type, ti.size, ti.linkname = tarfile.REGTYPE, len(data), ""
         self.files += 1
         self.tar.addfile(ti, io.BytesIO(data))
+
+    def add_deferred(self) -> None:
+        """The stale ``.pyc`` files left out: fresh bytecode (same name, mode
+        and mtime), or the original where none could be compiled."""
+        if self._repair is None:
+            return
+        for source, target, mode, mtime, data in self._repair.finish():
+            if data is None:
+                self._add(source, target)
+                continue
+            ti = tarfile.TarInfo(target)
+            ti.mode, ti.mtime, ti.type, ti.size = mode, mtime, tarfile.REGTYPE, len(data)
+            self.files += 1
+            self.tar.addfile(ti, io.BytesIO(data))
 
     def close(self) -> int:
         self.tar.close()
@@ -256,15 +279,28 @@ def pack(env: Env, *, fmt: str | None = None, level: int | None = None,
 
 
 def _pack_locked(tarball: Tarball, fmt: str, level, threads, ignore_missing_files) -> Meta:
-    import conda_pack
-    from conda_pack.core import CondaPackException, Packer
-
     env = tarball.env
     if (env.prefix / "pkgs").is_dir():
         output.warn(f"{env.prefix / 'pkgs'} is not packed (conda-pack never packs an "
                     f"environment-local package cache)")
     fp = fingerprint(env.prefix)
     t0 = time.monotonic()
+    # The environment's Python (for fresh .pyc files) starts while conda-pack
+    # reads the environment.
+    repair = bytecode.PackRepair.start(env.prefix)
+    try:
+        return _pack_files(tarball, fmt, level, threads, ignore_missing_files, fp, t0, repair)
+    finally:
+        if repair is not None:
+            repair.close()
+
+
+def _pack_files(tarball: Tarball, fmt: str, level, threads, ignore_missing_files, fp, t0,
+                repair: bytecode.PackRepair | None) -> Meta:
+    import conda_pack
+    from conda_pack.core import CondaPackException, Packer
+
+    env = tarball.env
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -283,8 +319,12 @@ def _pack_locked(tarball: Tarball, fmt: str, level, threads, ignore_missing_file
         with os.fdopen(fd, "wb") as fh:
             stream = formats.compressor(fh, fmt, level, threads)
             files = list(cenv.files)
-            ahead = _ReadAhead([f.source for f in files]) if _on_shared_fs(env.prefix) else None
-            writer = _TarWriter(stream, ahead)
+            shared = _on_shared_fs(env.prefix)
+            if repair is not None and not repair.plan(files, threads=_READ_AHEAD_THREADS
+                                                      if shared else 1):
+                repair = None
+            ahead = _ReadAhead([f.source for f in files]) if shared else None
+            writer = _TarWriter(stream, ahead, repair)
             packer = Packer(str(env.prefix), writer)
             with output.Progress("Packing", len(files)) as bar, _closing(ahead), \
                     _conda_pack_reads_from(ahead):
@@ -296,6 +336,7 @@ def _pack_locked(tarball: Tarball, fmt: str, level, threads, ignore_missing_file
                                         f"while packing; is conda or pip changing the "
                                         f"environment right now?") from None
                     bar.update(1)
+                writer.add_deferred()
             unpacked = writer.close()
             stream.close()
             fh.flush()
@@ -322,6 +363,11 @@ def _pack_locked(tarball: Tarball, fmt: str, level, threads, ignore_missing_file
         records=[list(r) for r in packer.prefixes if r[1]],
     )
     Tarball.for_env(env, fmt).write_meta(meta)
+    if repair is not None and repair.stale:
+        done = repair.stale - len(repair.failed)
+        output.info(f"Packed fresh bytecode for {done} stale .pyc files of {repair.checked} "
+                    f"({done - repair.reused} compiled, {repair.reused} valid in the "
+                    f"environment itself)")
     output.info(f"Total 'conda-pack' time: {output.seconds(elapsed)}")
     output.info(f"Created conda-pack tarball: {output.describe_file(target)}")
     return meta

@@ -3,9 +3,10 @@
 stage: open the tarball and read its sidecar once, under a shared lock;
 if it is not fresh, pack (interactive) or refuse (job prolog); check the
 target path fits the binary placeholders and the disk has room for at least
-the tarball, stream-extract and
-relocate into a temporary name, mark the copy, make it read-only, rename it
-into place.  unstage: remove a copy (and the folder made for it).
+the tarball, stream-extract and relocate into a temporary name, recompile
+the bytecode of the relocated ``.py`` files, mark the copy, make it
+read-only, rename it into place.  unstage: remove a copy (and the folder
+made for it).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-from . import formats, output
+from . import bytecode, formats, output
 from .errors import StageError
 from .extract import extract
 from .locking import file_lock
@@ -193,12 +194,23 @@ def _stage_from(env, meta, fh, tarball, *, path, base, name, writable, owner_pid
                             writable=writable, parent_owned=parent_owned)
         skip = {ACTIVATE_HOOK} | ({DEACTIVATE_HOOK} if mode == "job" else set())
         relocator = Relocator(meta.records, str(target))
+        recompiled = []
+
+        def recompile(dest: str, stats) -> None:
+            # Relocated .py files no longer match their .pyc, which a
+            # read-only copy could not repair: recompile them now.
+            started = time.monotonic()
+            recompiled.append(bytecode.recompile_relocated(
+                dest, str(target), stats.rewritten, original_prefix=env.prefix,
+                deadline=deadline))
+            recompiled.append(time.monotonic() - started)
+
         t0 = time.monotonic()
         with output.Progress("Extracting", meta.unpacked_bytes) as bar, \
                 formats.decompressor(fh, meta.format) as stream:
             stats = extract(stream, str(tmp), relocator=relocator, writable=writable,
                             skip=frozenset(skip), extra={MARKER: marker.to_bytes()},
-                            progress=bar.update, deadline=deadline)
+                            progress=bar.update, deadline=deadline, before_seal=recompile)
         os.rename(tmp, target)
     except BaseException:
         try:
@@ -217,6 +229,9 @@ def _stage_from(env, meta, fh, tarball, *, path, base, name, writable, owner_pid
     if stats.skipped:
         output.info(f"Disabled the auto-staging hook in the staged copy ({', '.join(stats.skipped)})")
     output.info(f"Unpacking (relocating): {stats.relocated} files rewritten for the new prefix")
+    if recompiled and recompiled[0]:
+        output.info(f"Recompiled {recompiled[0]} .pyc files of relocated .py files "
+                    f"({recompiled[1]:.2f} s)")
     if not writable:
         output.info("Made staged environment read-only (use --writable to disable)")
     return target
