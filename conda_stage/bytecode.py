@@ -50,7 +50,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import output
+from .errors import StageError
 from .output import printable
+from .userfiles import open_regular_fd
 
 #: Seconds the environment's interpreter may take to start and say hello.
 START_TIMEOUT = 60.0
@@ -329,19 +331,23 @@ def _verbatim(f) -> bool:
                                                       and f.target.startswith("bin/"))
 
 
-def _head(path: str):
-    """``(lstat-like fstat, first 16 bytes)`` of a regular file, not
-    following a symlink and never blocking on a FIFO; None if it cannot be
-    read."""
+def _regular_fd(path: str) -> int | None:
+    """A descriptor of the regular file ``path`` -- not through a symlink,
+    never blocking on a FIFO (:func:`conda_stage.userfiles.open_regular_fd`);
+    None if it cannot be opened."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
+        return open_regular_fd(path, what="bytecode file", flags=os.O_RDONLY | os.O_NOFOLLOW)
+    except (OSError, StageError):
+        return None
+
+
+def _head(path: str):
+    """``(fstat, first 16 bytes)`` of a regular file; None if it cannot be read."""
+    fd = _regular_fd(path)
+    if fd is None:
         return None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        return st, os.pread(fd, 16, 0)
+        return os.fstat(fd), os.pread(fd, 16, 0)
     except OSError:
         return None
     finally:
@@ -380,15 +386,13 @@ def _valid_timestamp_pyc(head: bytes, magic: bytes, mtime: int, size: int) -> bo
 
 
 def _read_regular(path: str, limit: int = 256 << 20) -> bytes | None:
-    """The content of a regular file (not through a symlink, never
-    blocking on a FIFO, at most ``limit`` bytes); None if it cannot be read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
+    """The content of a regular file (see :func:`_regular_fd`), at most
+    ``limit`` bytes; None if it cannot be read."""
+    fd = _regular_fd(path)
+    if fd is None:
         return None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+        if os.fstat(fd).st_size > limit:
             return None
         with os.fdopen(os.dup(fd), "rb") as fh:
             return fh.read(limit + 1)
