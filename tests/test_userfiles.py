@@ -38,6 +38,7 @@ from conda_stage.store import MARKER, read_marker
 from conda_stage.tarball import (MAX_RECORDS, MalformedSidecar, Meta, OtherMetaVersion,
                                  Tarball, parse_meta)
 from conda_stage.userfiles import FileTooLarge, open_regular, open_regular_fd, read_bounded
+from tests.test_units import _hold  # holds a lock in another process
 
 REPO = Path(__file__).resolve().parent.parent
 PLACEHOLDER = "/opt/conda-stage-placeholder/" + "p" * 100
@@ -290,12 +291,6 @@ def test_lock_file_that_cannot_be_created_is_one_line(tmp_path):
                                          r"No such file or directory"):
         with file_lock(folder / "missing" / "lock"):
             pass
-
-
-def _hold(path, seconds, started):
-    with file_lock(path):
-        started.set()
-        time.sleep(seconds)
 
 
 def test_lock_wait_ends_at_the_deadline(tmp_path):
