@@ -1,0 +1,251 @@
+"""The tar writer of the packer: what it writes is what tarfile writes.
+
+conda_stage.pack writes members itself (headers with one struct.pack, data
+handed to the compressor in large writes) instead of ``TarFile.addfile``;
+these tests hold it to tarfile's PAX output byte for byte, through
+conda-pack's own ``Packer`` (its reads served by the packer's fast reader),
+and check the result extracts.
+"""
+import io
+import os
+import random
+import stat
+import tarfile
+
+import pytest
+import zstandard
+from conda_pack.core import File, Packer
+import conda_pack.core as cp_core
+
+from conda_stage import formats, pack
+from conda_stage.extract import extract
+
+
+def _tobuf(ti: tarfile.TarInfo) -> bytes:
+    return ti.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+def _ti(name, type_=tarfile.REGTYPE, size=0, link="", mode=0o644, mtime=1_700_000_000):
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.size, ti.linkname, ti.mode, ti.mtime = type_, size, link, mode, mtime
+    return ti
+
+
+def test_header_is_what_tarfile_writes():
+    rnd = random.Random(11)
+    cases = [_ti("a/b.py"), _ti("bin", tarfile.DIRTYPE, mode=0o755),
+             _ti("bin/python", tarfile.SYMTYPE, link="python3.11", mode=0o777),
+             _ti("lib/h", tarfile.LNKTYPE, link="lib/a", mode=0o4755),
+             _ti("x" * 100), _ti("x" * 101, size=7), _ti("d" * 100, tarfile.DIRTYPE),
+             _ti("s" * 300, tarfile.SYMTYPE, link="t" * 200), _ti("h", tarfile.LNKTYPE, link="q" * 101),
+             _ti("big", size=8 ** 11 - 1, mtime=8 ** 11 - 1), _ti("zero", size=0, mtime=0)]
+    for _ in range(3000):
+        name = "/".join("abcdefghijklmnop"[:rnd.randint(1, 16)] for _ in range(rnd.randint(1, 30)))
+        type_ = rnd.choice([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE])
+        link = "l" * rnd.randint(1, 300) if type_ in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+        cases.append(_ti(name, type_, rnd.randint(0, 8 ** 11 - 1) if type_ == tarfile.REGTYPE else 0,
+                         link, rnd.randint(0, 0o7777), rnd.randint(0, 2 ** 33)))
+    for ti in cases:
+        assert pack._ustar_header(ti) == _tobuf(ti), ti.name[:40]
+
+
+@pytest.mark.parametrize("ti", [
+    _ti("caf\u00e9.py"), _ti("link", tarfile.SYMTYPE, link="\u00e9t\u00e9"), _ti("surrogate\udcff"),
+    _ti("float", mtime=1.5), _ti("huge", size=8 ** 11), _ti("old", mtime=-1),
+    _ti("fifo", tarfile.FIFOTYPE), _ti("mode", mode=0o170644)])
+def test_anything_unusual_is_left_to_tarfile(ti):
+    assert pack._ustar_header(ti) is None
+
+
+def _old_writer_tar(members) -> bytes:
+    """The archive the packer wrote through tarfile before it wrote members
+    itself: ``(target, TarInfo fields, data or None)`` in order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for ti, data in members:
+            tar.addfile(ti, io.BytesIO(data) if data is not None else None)
+    return buf.getvalue()
+
+
+def _member(path: str, target: str, st=None, data=None, inodes=None) -> tuple:
+    st = st or os.lstat(path)
+    ti = tarfile.TarInfo(target)
+    ti.mode, ti.mtime = stat.S_IMODE(st.st_mode), int(st.st_mtime)
+    if stat.S_ISDIR(st.st_mode):
+        ti.type = tarfile.DIRTYPE
+    elif stat.S_ISLNK(st.st_mode):
+        ti.type, ti.linkname = tarfile.SYMTYPE, os.readlink(path)
+    elif (st.st_dev, st.st_ino) in inodes and data is None:
+        ti.type, ti.linkname = tarfile.LNKTYPE, inodes[(st.st_dev, st.st_ino)]
+    else:
+        inodes.setdefault((st.st_dev, st.st_ino), target)
+        if data is None:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        ti.size = len(data)
+    return ti, data
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """A fake environment: folders, small, empty and big files, a symlink, a
+    hardlink pair, long and non-ASCII names, a text script with a shebang
+    into the prefix (conda-pack rewrites it), and a conda-meta record."""
+    root = tmp_path / "env"
+    (root / "bin").mkdir(parents=True)
+    (root / "conda-meta").mkdir()
+    deep = root / "lib" / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    (root / "bin" / "tool").write_text(f"#!{root}/bin/python3\nprint('hi')\n")
+    (root / "bin" / "python3").write_bytes(b"\x7fELF\x02\x01\x01" + os.urandom(3000))
+    (root / "bin" / "python").symlink_to("python3")
+    (root / "lib" / "empty.txt").write_bytes(b"")
+    (root / "lib" / "big.bin").write_bytes(os.urandom(300_000) + b"\xff" * 200_000)
+    (root / "lib" / "text.py").write_text("x = 'caf\u00e9'\n" * 1000)
+    (root / "lib" / "caf\u00e9.txt").write_text("plain\n")
+    (deep / ("f" * 120 + ".py")).write_text("y = 2\n")
+    (root / "lib" / "a.so").write_bytes(b"\x00\x01" * 700)
+    os.link(root / "lib" / "a.so", root / "lib" / "a-link.so")
+    os.chmod(root / "bin" / "tool", 0o755)
+    (root / "conda-meta" / "pkg-1.0-0.json").write_text(
+        '{"name": "pkg", "version": "1.0", "files": [], "link": {"source": "/nowhere"}}')
+    return root
+
+
+def _files(root):
+    out = []
+    for dirpath, dirs, names in os.walk(root):
+        for name in sorted(dirs + names):
+            path = os.path.join(dirpath, name)
+            target = os.path.relpath(path, root)
+            if target.startswith("conda-meta") or target.endswith(".so"):
+                mode = None  # a record, or a conda file without prefix: added as it is
+            elif os.path.isdir(path) and not os.path.islink(path):
+                continue  # conda-pack lists files, and empty folders
+            else:
+                mode = "unknown"  # as pip's files: conda-pack reads them
+            out.append(File(path, target, is_conda=False, prefix_placeholder=None, file_mode=mode))
+    out.append(File(str(root / "lib"), "lib", is_conda=False, prefix_placeholder=None,
+                    file_mode=None))
+    return out
+
+
+def _pack_with(writer_factory, root):
+    """Run conda-pack's Packer over the tree; returns (tar bytes, prefixes)."""
+    files = _files(root)
+    buf = io.BytesIO()
+    writer = writer_factory(buf)
+    packer = Packer(str(root), writer)
+    with pack._conda_pack_reads_from(None):
+        for f in files:
+            packer.add(f)
+    writer.close()
+    return buf.getvalue(), packer.prefixes
+
+
+class _RecordingWriter:
+    """Collects what Packer hands over, and turns it into the tar the old
+    tarfile-based writer made."""
+
+    def __init__(self, buf):
+        self.buf, self.members, self.inodes = buf, [], {}
+
+    def add(self, source, target):
+        self.members.append(_member(source, target, inodes=self.inodes))
+
+    def add_bytes(self, source, data, target):
+        self.members.append(_member(source, target, data=data, inodes=self.inodes))
+
+    def close(self):
+        self.buf.write(_old_writer_tar(self.members))
+
+
+@pytest.mark.parametrize("chunk", [pack._TarWriter._CHUNK, 4096])
+def test_writer_writes_what_tarfile_wrote(tree, monkeypatch, chunk):
+    monkeypatch.setattr(pack._TarWriter, "_CHUNK", chunk)  # big files in pieces, too
+    monkeypatch.setattr(pack._TarWriter, "_FLUSH", 1000)
+    ours, prefixes = _pack_with(lambda b: pack._TarWriter(b), tree)
+    ref, ref_prefixes = _pack_with(_RecordingWriter, tree)
+    assert ours == ref
+    assert prefixes == ref_prefixes
+    assert any(t == "bin/tool" for t, _p, _m in prefixes) is False  # shebang rewritten
+    assert ("lib/text.py", str(tree), "text") in prefixes
+    with tarfile.open(fileobj=io.BytesIO(ours)) as tar:
+        names = tar.getnames()
+        assert tar.getmember("lib/a-link.so").islnk() or tar.getmember("lib/a.so").islnk()
+        tool = tar.extractfile("bin/tool").read()
+    assert tool.startswith(b"#!/usr/bin/env python3\n")
+    assert len(names) == len(set(names)) == len(_files(tree))
+
+
+def test_close_returns_the_size_before_the_record_padding(tree):
+    buf = io.BytesIO()
+    writer = pack._TarWriter(buf)
+    writer.add(str(tree / "lib" / "text.py"), "lib/text.py")
+    size = writer.close()
+    data = buf.getvalue()
+    assert len(data) % tarfile.RECORDSIZE == 0 and size <= len(data)
+    assert size == 512 + (os.path.getsize(tree / "lib" / "text.py") + 511) // 512 * 512 + 1024
+    assert writer.files == 1
+
+
+def test_archive_extracts(tree, tmp_path):
+    buf = io.BytesIO()
+    stream = formats.compressor(buf, "tar.zst", 3, 2)
+    writer = pack._TarWriter(stream)
+    packer = Packer(str(tree), writer)
+    with pack._conda_pack_reads_from(None):
+        for f in _files(tree):
+            packer.add(f)
+    writer.close()
+    stream.close()
+    dest = tmp_path / "out"
+    with formats.decompressor(io.BytesIO(buf.getvalue()), "tar.zst") as src:
+        extract(src, str(dest), writable=True)
+    assert (dest / "lib" / "big.bin").read_bytes() == (tree / "lib" / "big.bin").read_bytes()
+    deep = os.path.relpath(next((tree / "lib").glob("d*/e*/f*.py")), tree)
+    assert (dest / deep).read_text() == "y = 2\n"
+    assert (dest / "lib" / "caf\u00e9.txt").read_text() == "plain\n"
+    assert os.readlink(dest / "bin" / "python") == "python3"
+    assert os.stat(dest / "lib" / "a.so").st_ino == os.stat(dest / "lib" / "a-link.so").st_ino
+
+
+def test_file_that_shrank_while_packing_is_an_error(tree, monkeypatch):
+    path = tree / "lib" / "big.bin"
+    st = os.lstat(path)
+    writer = pack._TarWriter(io.BytesIO())
+    monkeypatch.setattr(pack._TarWriter, "_CHUNK", 4096)
+    path.write_bytes(b"short")
+    with pytest.raises(OSError, match="unexpected end of data"):
+        writer._file_member(writer._info(str(path), "lib/big.bin", st), str(path))
+
+
+def test_fast_reads_and_binary_test_are_conda_packs(tree, tmp_path):
+    (tmp_path / "empty").write_bytes(b"")
+    for path in [tmp_path / "empty", *sorted(p for p in tree.rglob("*") if p.is_file())]:
+        with open(path, "rb") as fh:
+            assert pack._read_whole(str(path)) == fh.read()
+    samples = [b"", b"ascii only\n", "caf\u00e9".encode(), b"\xff\xfe", b"abc\xc3", b"\x00\x01",
+               os.urandom(5000), "\u20ac".encode() * 1000]
+    original = cp_core.is_binary_file
+    for data in samples:
+        assert pack._is_binary_file(data) == original(data)
+    with pack._conda_pack_reads_from(None):
+        assert cp_core.is_binary_file is pack._is_binary_file
+        with cp_core.open(str(tree / "lib" / "text.py")) as fh:  # text mode, as conda-pack's json
+            assert fh.read() == (tree / "lib" / "text.py").read_text()
+    assert cp_core.is_binary_file is original and not hasattr(cp_core, "open")
+    with pytest.raises(FileNotFoundError):
+        pack._read_whole(str(tmp_path / "missing"))
+
+
+def test_compressed_archive_is_one_zstd_stream_with_checksum(tree):
+    buf = io.BytesIO()
+    stream = formats.compressor(buf, "tar.zst", 3, 2)
+    writer = pack._TarWriter(stream)
+    writer.add(str(tree / "lib" / "big.bin"), "lib/big.bin")
+    size = writer.close()
+    stream.close()
+    params = zstandard.get_frame_parameters(buf.getvalue())
+    assert params.has_checksum
+    assert len(zstandard.ZstdDecompressor().decompressobj().decompress(buf.getvalue())) >= size
