@@ -4,15 +4,19 @@
 # changes the shell), and its effect is checked.  Run by examples/demo/run.sh
 # as the unprivileged demo user; you can also run it yourself as any user who
 # has the conda environment ENV and 'conda-stage' on PATH:
-#     bash walkthrough.sh INIT_FILE [ENV]
-# INIT_FILE  the site conda's init file (sourcing it defines the 'conda' function)
-# ENV        the environment to stage (default: myjupyter)
+#     bash walkthrough.sh INIT_FILE [ENV [JOB_SCRIPT]]
+# INIT_FILE   the site conda's init file (sourcing it defines the 'conda' function)
+# ENV         the environment to stage (default: myjupyter)
+# JOB_SCRIPT  also submit this batch job (examples/demo/job.sh, which declares
+#             conda_env=ENV) to the Slurm that $SLURM_CONF names, whose Prolog
+#             and Epilog are conda-stage's, and check what it saw and left
 # Exits non-zero, with a "DEMO FAILED:" line, at the first step that fails.
 # Leaves auto-staging disabled again, so it can be replayed.
 set -euo pipefail
 
-init=${1:?usage: walkthrough.sh INIT_FILE [ENV]}
+init=${1:?usage: walkthrough.sh INIT_FILE [ENV [JOB_SCRIPT]]}
 env_name=${2:-myjupyter}
+job_script=${3:-}
 base=${TMPDIR:-/tmp}
 host=$(hostname -s 2>/dev/null || echo localhost)
 checks=0
@@ -129,6 +133,83 @@ run_out "command -v python"
 [ "$OUT" = "$original/bin/python" ] || fail "python is $OUT, not the original $original/bin/python"
 ok "the original environment, unstaged"
 run "conda deactivate"
+
+# wait_gone JOBID: poll squeue until the job has left the queue (its Epilog
+# has finished), printing the states it went through; $WAITED: seconds since $1.
+wait_gone() {
+    local jid=$1 since=$2 state last="" states="" deadline=$((SECONDS + 300))
+    while :; do
+        state=$(squeue -h -j "$jid" -o %T 2>/dev/null) || state=""
+        case "$state" in PENDING | CONFIGURING | RUNNING | COMPLETING) ;; *) break ;; esac
+        if [ "$state" != "$last" ]; then
+            states+="$state -> "
+            last=$state
+        fi
+        [ "$SECONDS" -lt "$deadline" ] || fail "job $jid still $state after 300 s"
+        sleep 0.2
+    done
+    WAITED=$(awk -v a="$since" -v b="$EPOCHREALTIME" 'BEGIN {printf "%.1f", b - a}')
+    printf '%s    # job %s: %sleft the queue %s s after sbatch%s\n' "$dim" "$jid" "$states" "$WAITED" "$off"
+}
+
+# field NAME: the value of the job output's "NAME: value" line
+field() {
+    printf '%s\n' "$JOB_OUT" | sed -n "s/^$1: *//p" | head -n 1
+}
+
+if [ -n "$job_script" ]; then
+    [ -n "${SLURM_CONF:-}" ] || fail "a job script was given but SLURM_CONF is not set"
+    [ -r "$job_script" ] || fail "cannot read the job script $job_script"
+    job_out=$env_name-job.out    # the script's '#SBATCH --output', relative to this folder
+    rm -f "$job_out"
+
+    note "In a batch job: declare the environment; the Prolog stages it before the job starts, the Epilog removes it"
+    run "cat $job_script"
+    # Slurm's view: the job ends when its Epilog has finished.
+    t_submit=$EPOCHREALTIME
+    run_out "sbatch $job_script $init"
+    jid=$(printf '%s\n' "$OUT" | awk '/^Submitted batch job/ {print $4}')
+    [ -n "$jid" ] || fail "no job id in sbatch's output"
+    wait_gone "$jid" "$t_submit"
+    info=$(scontrol -o show job "$jid" 2>&1) || fail "scontrol show job $jid: $info"
+    case " $info " in
+        *" JobState=COMPLETED "*" ExitCode=0:0 "*) ok "job $jid completed (ExitCode=0:0)" ;;
+        *) fail "job $jid did not complete: $(printf '%s\n' "$info" | grep -o 'JobState=[^ ]*\|ExitCode=[^ ]*\|Reason=[^ ]*' | paste -sd ' ')" ;;
+    esac
+
+    note "What the job printed: the TaskProlog's line, then the script's"
+    run_out "cat $job_out"
+    JOB_OUT=$OUT
+    # The TaskProlog's line: "staged NAME to PATH in N s", or "NAME is staged at PATH"
+    # (a copy the node already had).
+    staged_line=$(printf '%s\n' "$JOB_OUT" | grep -m 1 -E "^conda-stage: (staged $env_name to|$env_name is staged at) /") \
+        || fail "the job's output has no 'conda-stage: staged $env_name to ...' line"
+    prefix=$(field CONDA_PREFIX)
+    real=$(field 'real path')
+    job_dir=$(field job | sed -n 's/.*, folder //p')
+    [ -n "$prefix" ] || fail "the job printed no CONDA_PREFIX (did 'conda activate $env_name' work?)"
+    [ "$prefix" != "$original" ] || fail "the job ran the original environment $original, not a staged copy"
+    case "$staged_line" in
+        *" $prefix "* | *" $prefix;"* | *" ${real:-$prefix} "* | *" ${real:-$prefix};"*) ;;
+        *) fail "the job's conda activated $prefix, but the TaskProlog said: $staged_line" ;;
+    esac
+    took=$(printf '%s\n' "$staged_line" | sed -n 's/.* in \([0-9.]*\) s;.*/\1 s/p')
+    ok "the Prolog staged it before the job started (${took:-a copy the node already had}); in the job, conda activate took $(field 'conda activate')"
+    [ "$(field 'command -v python')" = "$prefix/bin/python" ] \
+        || fail "the job's python is $(field 'command -v python'), not $prefix/bin/python"
+    [ "$(field sys.prefix)" = "$prefix" ] || fail "the job's sys.prefix is $(field sys.prefix), not $prefix"
+    [ "$(field prefix-probe)" = "exe:$prefix lib:$prefix/lib" ] || fail "prefix-probe in the job: $(field prefix-probe)"
+    ok "conda activate $env_name in the job landed on the node-local copy $prefix"
+    case "$job_dir" in /*) ;; *) fail "the job printed no job folder (CONDA_STAGE_JOB_DIR)" ;; esac
+
+    note "After the job: the Epilog removed the job's folder and the copy it ran from"
+    show "ls -d $job_dir $prefix${real:+ $real}"
+    for path in "$job_dir" "$prefix" ${real:+"$real"}; do
+        if [ -e "$path" ] || [ -L "$path" ]; then fail "$path is still there after the job"; fi
+    done
+    show "ls -A $(dirname "$job_dir")"
+    ok "nothing of job $jid left on the node"
+fi
 
 note "What conda-stage knows about the environment"
 run_out "conda stage status $env_name"
