@@ -77,16 +77,23 @@ def enable(env: Env, *, quiet: bool = False, writable: bool = False,
     output.info("Configuring automatic staging and unstaging of original Conda environment  ...")
     if not os.access(env.prefix, os.W_OK):
         raise StageError(f"Cannot write to {env.prefix}; auto-staging must be enabled by its owner")
+    replaced = False
     for target, source in _HOOK_SOURCES.items():
         data = resources.files("conda_stage").joinpath("shell", source).read_bytes()
         path = env.prefix / target
         path.parent.mkdir(parents=True, exist_ok=True)
+        replaced |= path.is_file() and _read_or_none(path) != data
         atomic_write(path, data)
     conf = env.prefix / CONF
     conf.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"exe={_executable()}", f"quiet={int(quiet)}", f"writable={int(writable)}"]
     atomic_write(conf, ("\n".join(lines) + "\n").encode())
-    pack(env, fmt=fmt)
+    if replaced:
+        # Copies take their deactivate.d hook from the tarball, and the
+        # tarball's fingerprint sees the hooks' names, not their contents.
+        output.info("Replaced the auto-staging hooks of an earlier conda-stage; the tarball "
+                    "is rebuilt so that staged copies get them too")
+    pack(env, fmt=fmt, force=replaced)
     output.info("Enabled auto-staging")
     output.info("Enabled auto-unstaging")
 
@@ -114,6 +121,13 @@ def disable(env: Env, *, environ=None) -> None:
     except OSError:
         pass
     output.info("Disabled auto-unstaging")
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return read_bounded(path, CONF_LIMIT, what="auto-staging hook")
+    except (OSError, StageError):
+        return None
 
 
 def _unlink(path: Path) -> None:
