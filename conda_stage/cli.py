@@ -81,9 +81,9 @@ class CondaStage(_App):
     USAGE = ("    conda-stage --auto-stage=enable|disable [ENV]\n"
              "    conda-stage --pack [--force] [--format tar.zst|tar.gz] [ENV]\n"
              "    conda-stage --stage [--writable] [--path DIR] [ENV]\n"
-             "    conda-stage --unstage [STAGED_PREFIX]\n"
-             "    conda-stage status [ENV]\n"
-             "    conda-stage gc [--dry-run] [--jobs]\n")
+             "    conda-stage --unstage [--force] [STAGED_PREFIX]\n"
+             "    conda-stage status [ENV] | --node [--json]\n"
+             "    conda-stage gc [--dry-run] [--jobs [--all-unused]]\n")
 
     auto_stage = cli.SwitchAttr(
         "--auto-stage", cli.Set("enable", "disable"), group="Actions",
@@ -94,9 +94,11 @@ class CondaStage(_App):
     do_stage = cli.Flag("--stage", group="Actions",
                         help="Stage the environment to local disk and print the staged path")
     do_unstage = cli.Flag("--unstage", group="Actions",
-                          help="Remove a staged copy (default: the active one)")
+                          help="Let go of a staged copy (default: the active one) and remove "
+                               "it, unless other shells still use it")
 
-    force = cli.Flag("--force", help="With --pack: repack even if the tarball is fresh")
+    force = cli.Flag("--force", help="With --pack: repack even if the tarball is fresh; with "
+                                     "--unstage: remove the copy even if other shells use it")
     fmt = cli.SwitchAttr("--format", cli.Set(*FORMATS), default=None,
                          help="Archive format for packing (default tar.zst)")
     writable = cli.Flag("--writable", help="Leave the staged copy writable "
@@ -107,8 +109,9 @@ class CondaStage(_App):
     ignore_missing = cli.Flag("--ignore-missing-files",
                               help="Pack even if files conda installed were deleted")
     owner_pid = cli.SwitchAttr("--owner-pid", int, default=None, argname="PID",
-                               help="With --stage: the shell that owns the copy "
-                                    "('conda-stage gc' removes it once that shell is gone)")
+                               help="With --stage: the shell that holds the copy ('conda-stage "
+                                    "gc' removes it once every holding shell is gone); with "
+                                    "--unstage: the shell that lets go (default: the caller)")
     quiet = cli.Flag(["-q", "--quiet"], help="Only warnings and errors")
     debug = cli.Flag("--debug", help="Print debug messages")
 
@@ -174,18 +177,26 @@ class CondaStage(_App):
         prefix = env or os.environ.get("CONDA_PREFIX")
         if not prefix:
             raise StageError("Does not look like a staged environment: CONDA_PREFIX is not set")
-        unstage(prefix)
+        unstage(prefix, force=self.force, holder_pid=self.owner_pid)
         return 0
 
 
 @CondaStage.subcommand("status")
 class Status(_App):
     """Show whether auto-staging is enabled, the tarball (size, age, fresh or
-    stale) and the staged copies of an environment."""
+    stale) and the staged copies of an environment.  With --node: the copies
+    on this node shared by jobs, who holds them, their size and age (root
+    sees every user's, a user their own)."""
+
+    node = cli.Flag("--node", help="The copies on this node's staging folder")
+    as_json = cli.Flag("--json", help="With --node: one JSON document")
 
     def main(self, env=None):
-        from .status import status_lines
+        from .status import node_status, status_lines
 
+        if self.node or self.as_json:
+            print(node_status(as_json=self.as_json))
+            return 0
         for line in status_lines(resolve(env)):
             print(line)
         return 0
@@ -194,12 +205,17 @@ class Status(_App):
 @CondaStage.subcommand("gc")
 class Gc(_App):
     """Remove staged copies (in $TMPDIR or /tmp) whose shell has exited without
-    'conda deactivate'.  With --jobs (as root): remove Slurm job folders of jobs
-    that are no longer running (e.g. the node crashed before the epilog)."""
+    'conda deactivate'.  With --jobs (as root; from a timer or cron): remove
+    job folders of jobs the scheduler no longer runs (e.g. the node crashed
+    before the epilog), drop such jobs from the shared copies they held, and
+    remove shared copies nobody holds once past their keep time."""
 
     dry_run = cli.Flag("--dry-run", help="Only list what would be removed")
-    jobs = cli.Flag("--jobs", help="Collect Slurm job folders in the staging folder "
-                                   "of /etc/default/conda-stage (as root)")
+    jobs = cli.Flag("--jobs", help="Collect job folders and shared copies in the staging "
+                                   "folder of /etc/default/conda-stage (as root)")
+    all_unused = cli.Flag("--all-unused", requires=["--jobs"],
+                          help="Also remove shared copies nobody holds that are still "
+                               "within their keep time (CONDA_STAGE_KEEP_UNUSED)")
 
     def main(self):
         from .gc import collect, collect_jobs
@@ -207,12 +223,13 @@ class Gc(_App):
 
         if self.jobs:
             from .config import Config
-
-            from .job import SlurmAdapter
+            from .job import node_is_running
 
             config = Config.load()
             collect_jobs(Path(config.staging_dir), Path(config.state_dir),
-                         SlurmAdapter.is_alive, dry_run=self.dry_run)
+                         node_is_running(config), dry_run=self.dry_run,
+                         keep=0.0 if self.all_unused else config.keep_unused,
+                         keep_share=config.keep_share)
         else:
             collect(staging_base(), dry_run=self.dry_run)
         return 0

@@ -54,6 +54,16 @@ class Config:
     # Seconds to wait for a lock held by another process packing the same
     # environment (a prolog never packs: it only reads the tarball).
     lock_timeout: float = 600.0
+    # A user's jobs on a node share one read-only copy of an environment
+    # (same tarball): an array job extracts once per node.  "no": every job
+    # gets a private copy in its own folder.
+    share_copies: bool = True
+    # Seconds a shared copy nobody holds is kept for the user's next job (an
+    # array's next wave); 0 removes it with its last job.  gc removes it after.
+    keep_unused: float = 300.0
+    # Unused copies may take at most this share of the staging filesystem;
+    # beyond it the least recently used go first.
+    keep_share: float = 0.25
     # Seconds a prolog may spend staging, all environments together; what is
     # not staged by then is skipped and the job runs without it.
     prolog_budget: float = 120.0
@@ -87,6 +97,9 @@ class Config:
             if value and (not os.path.isabs(value) or not value.isprintable()):
                 raise UsageError(f"CONDA_STAGE_{name.upper()} must be an absolute path, "
                                  f"not {value!r}")
+        if config.keep_unused < 0 or not 0 <= config.keep_share <= 1:
+            raise UsageError("CONDA_STAGE_KEEP_UNUSED must be >= 0 seconds and "
+                             "CONDA_STAGE_KEEP_SHARE a fraction between 0 and 1")
         if min(config.prolog_budget, config.epilog_budget) <= 0 or config.lock_timeout < 0:
             raise UsageError("CONDA_STAGE_PROLOG_BUDGET, CONDA_STAGE_EPILOG_BUDGET and "
                              "CONDA_STAGE_LOCK_TIMEOUT must be positive numbers of seconds")

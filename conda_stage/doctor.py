@@ -48,11 +48,51 @@ def run(site_file: str = SITE_FILE) -> Report:
     _folder(report, "staging folder (staging_dir)", config.staging_dir)
     _folder(report, "state folder (state_dir)", config.state_dir)
     _space(report, config.staging_dir)
+    _store(report, config)
     _log_file(report, config)
     _slurm(report)
     _sge(report)
     _fuse(report)
     return report
+
+
+def _store(report: Report, config: Config) -> None:
+    """The shared copies on the node, and whether something collects the
+    unused ones when no job comes (the hooks sweep only when jobs run)."""
+    from .nodestore import NodeStore
+
+    if not config.share_copies:
+        report.ok("shared copies are off (CONDA_STAGE_SHARE_COPIES=no): each job extracts "
+                  "its own")
+        return
+    store = NodeStore.from_config(config)
+    recs = [r for uid in store.uids() for r in store.records(uid)]
+    unused = [r for r in recs if not r.holders]
+    report.ok(f"node store: {len(recs)} shared copies ({sum(r.bytes for r in recs) / 1e6:.0f} "
+              f"MB), {len(unused)} unused (kept {config.keep_unused:.0f} s, at most "
+              f"{config.keep_share:.0%} of the disk); 'conda-stage status --node' lists them")
+    if config.keep_unused > 0 and not _gc_scheduled():
+        report.warn("no conda-stage-gc.timer and no cron line running 'conda-stage gc --jobs': "
+                    "unused copies stay on an idle node until its next job "
+                    "(examples/admin/conda-stage-gc.timer)")
+
+
+def _gc_scheduled() -> bool:
+    try:
+        r = subprocess.run(["systemctl", "is-enabled", "conda-stage-gc.timer"],
+                           capture_output=True, text=True, timeout=10)
+        if r.stdout.strip() == "enabled":
+            return True
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    for cron in ("/etc/crontab", *(str(p) for p in Path("/etc/cron.d").glob("*")),
+                 "/var/spool/cron/crontabs/root"):
+        try:
+            if "gc --jobs" in Path(cron).read_text(errors="replace"):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _site_file(report: Report, path: str) -> Config | None:

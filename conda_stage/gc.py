@@ -20,7 +20,7 @@ from pathlib import Path
 from . import output
 from .errors import StageError
 from .jobdir import JobDir, UnsafeBase, open_base, valid_key
-from .store import PARENT_PREFIX, find_copies, owner_alive, remove_copy, remove_tree
+from .store import PARENT_PREFIX, find_copies, live_holders, remove_copy, remove_tree
 
 _PARTIAL = re.compile(r"^\.(.+)\.partial-([0-9]+)$")
 
@@ -42,7 +42,7 @@ def collect(base: Path, *, dry_run: bool = False) -> list[Path]:
             failed.append(path)
 
     for path, marker in list(find_copies(base)):
-        if marker.mode == "interactive" and not owner_alive(marker):
+        if marker.mode == "interactive" and not live_holders(path, marker):
             drop(path, f"shell {marker.owner_pid} is gone",
                  lambda p=path, m=marker: remove_copy(p, m))
     for path in _dead_partials(base):
@@ -83,9 +83,11 @@ def _remove_partial(path: Path) -> None:
 
 
 def collect_jobs(staging_dir: Path, state_dir: Path, is_active, *,
-                 dry_run: bool = False) -> list[Path]:
-    """(root) Job folders and manifests of jobs that ``is_active(job_id)``
-    says no longer run."""
+                 dry_run: bool = False, keep: float = 300.0,
+                 keep_share: float = 0.25) -> list[Path]:
+    """(root) Job folders and manifests of jobs that ``is_active(job_id,
+    scheduler)`` says no longer run; then the shared copies (see
+    :func:`collect_store`)."""
     if os.geteuid() != 0:
         raise StageError("'conda-stage gc --jobs' removes other users' job folders: run it as root")
     keys = set()
@@ -104,14 +106,15 @@ def collect_jobs(staging_dir: Path, state_dir: Path, is_active, *,
                  if n.endswith(strip) and valid_key(n[:len(n) - len(strip)])}
     removed, failed = [], []
     for key in sorted(keys, key=lambda k: [int(p) for p in k.split(".")]):
+        job = JobDir(str(staging_dir), str(state_dir), key)
+        manifest = job.read_manifest()
         try:
-            if is_active(key.split(".")[0]):
+            if is_active(key.split(".")[0], (manifest or {}).get("scheduler")):
                 continue
         except StageError as exc:
             output.warn(str(exc))
             failed.append(key)
             continue
-        job = JobDir(str(staging_dir), str(state_dir), key)
         if dry_run:
             output.info(f"Would remove job {key}'s folder and manifest (it is not running)")
             removed.append(job.path)
@@ -125,8 +128,43 @@ def collect_jobs(staging_dir: Path, state_dir: Path, is_active, *,
         for path in gone:
             output.info(f"Removed {path} (job {key} is not running)")
         removed += gone
+    if not dry_run:
+        removed += collect_store(staging_dir, state_dir, is_active, keep=keep,
+                                 keep_share=keep_share)
     if not removed and not failed:
         output.info(f"Nothing to collect in {staging_dir}")
     if failed:
         raise StageError(f"{len(failed)} job folder(s) could not be collected: {', '.join(failed)}")
     return removed
+
+
+class _Say:
+    """The hook-log interface, printed for a person running gc."""
+
+    info = staticmethod(output.info)
+    warning = error = staticmethod(output.warn)
+
+
+def collect_store(staging_dir: Path, state_dir: Path, is_active, *,
+                  keep: float = 300.0, keep_share: float = 0.25) -> list[Path]:
+    """(root) Mark, then sweep, every user's shared copies, each user under
+    their lock: holders whose job the scheduler no longer runs are dropped;
+    copies nobody holds go once unused for ``keep`` seconds, or beyond the
+    disk budget (``keep_share`` of the filesystem); folders without a record
+    (half-written) go too."""
+    from .jobstage import sweep_node
+    from .nodestore import NodeStore
+
+    store = NodeStore(str(staging_dir), str(state_dir), keep_unused=keep, keep_share=keep_share)
+
+    def is_gone(holder: str) -> bool:
+        scheduler, _, key = holder.partition(":")
+        if scheduler not in ("slurm", "sge"):
+            return False
+        try:
+            return not is_active(key.split(".")[0], scheduler)
+        except StageError as exc:
+            output.warn(str(exc))
+            return False
+
+    return [Path(r.path) for r in sweep_node(store, _Say, "gc", wait=True, is_gone=is_gone)]

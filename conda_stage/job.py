@@ -114,8 +114,10 @@ class SlurmAdapter:
             log.error(f"{job.label}: scontrol requeuehold failed: {exc}")
         return 0
 
+    command = "squeue"
+
     @staticmethod
-    def is_alive(job_id: str) -> bool:
+    def is_alive(job_id: str, config: Config | None = None) -> bool:
         """Whether Slurm still knows ``job_id`` as pending, running or completing."""
         try:
             r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
@@ -171,10 +173,17 @@ class SgeAdapter:
             request = parse_value(qstat_conda_env(job_id, config))
         else:
             request = Request()
-        if not tmpdir or not os.path.isabs(tmpdir) or not tmpdir.isprintable() or ":" in tmpdir:
+        folder = None
+        if os.geteuid() == 0:  # a root@ prolog: the root-made job folder and the node store
+            folder = JobDir(config.staging_dir, config.state_dir,
+                            f"{job_id}.{task}" if task else job_id)
+            workdir = folder.path
+        elif not tmpdir or not os.path.isabs(tmpdir) or not tmpdir.isprintable() or ":" in tmpdir:
             raise NotAJob(f"no usable TMPDIR for SGE job {job_id}: {tmpdir!r}")
+        else:  # a job-owner prolog: private copies in the job's own TMPDIR
+            workdir = Path(tmpdir) / "conda-stage"
         return Job(scheduler=cls.name, job_id=job_id, task_id=task, account=account,
-                   request=request, workdir=Path(tmpdir) / "conda-stage",
+                   request=request, workdir=workdir, folder=folder,
                    node=v["node"] or "", spool_dir=spool, environ=_conda_vars(environ))
 
     @staticmethod
@@ -183,6 +192,26 @@ class SgeAdapter:
               flush=True)
         log.warning(f"{job.label}: holding the job (on_error = hold): {reason}")
         return 100
+
+
+    command = "qstat"
+
+    @staticmethod
+    def is_alive(job_id: str, config: Config | None = None) -> bool:
+        """Whether SGE still knows ``job_id`` (any of its tasks)."""
+        config = config or Config()
+        env = {"PATH": os.environ.get("PATH", ""), "SGE_ROOT": config.sge_root,
+               "SGE_CELL": config.sge_cell, "LC_ALL": "C"}
+        try:
+            r = subprocess.run(["qstat", "-j", job_id], capture_output=True, text=True,
+                               timeout=60, env=env)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise StageError(f"Cannot ask SGE about job {job_id}: {exc}") from None
+        if r.returncode == 0:
+            return True
+        if "do not exist" in r.stdout + r.stderr:
+            return False
+        raise StageError(f"Cannot ask SGE about job {job_id}: {(r.stderr or r.stdout).strip()}")
 
 
 def shepherd_spool_dir() -> Path:
@@ -241,3 +270,32 @@ def qstat_conda_env(job_id: str, config: Config) -> str | None:
 
 
 ADAPTERS = {"slurm": SlurmAdapter, "sge": SgeAdapter}
+
+
+def node_is_running(config: Config):
+    """``is_alive(job_id, scheduler=None)`` asking the scheduler that ran the
+    job, or, when that is not known, the schedulers this node has (their
+    command is on PATH) that answer: a job runs if one of them says so.
+    An error when none can answer: gc then keeps what it cannot judge."""
+    import shutil
+
+    present = {name: a for name, a in ADAPTERS.items() if shutil.which(a.command)}
+    if not present:
+        raise StageError("neither squeue nor qstat is on PATH: cannot tell which jobs run")
+
+    def is_alive(job_id: str, scheduler: str | None = None) -> bool:
+        if scheduler in present:
+            return present[scheduler].is_alive(job_id, config)
+        # Not known whose job it is: the schedulers that answer decide (a
+        # node runs one; an installed but stopped one does not count).
+        answers, problems = [], []
+        for adapter in present.values():
+            try:
+                answers.append(adapter.is_alive(job_id, config))
+            except StageError as exc:
+                problems.append(str(exc))
+        if not answers:
+            raise StageError("; ".join(problems))
+        return any(answers)
+
+    return is_alive

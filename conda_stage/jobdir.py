@@ -197,18 +197,7 @@ class JobDir:
         data = json.dumps(check_manifest(manifest), indent=1).encode()
         name = f"{self.key}.json"
         with self._dir_fd(self.state, create=True) as state:
-            tmp = f".{name}.{os.getpid()}"
-            _remove_at(state, tmp)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o644, dir_fd=state)
-            try:
-                os.fchmod(fd, 0o644)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
-            os.replace(tmp, name, src_dir_fd=state, dst_dir_fd=state)
+            write_at(state, name, data)
             if uid is not None:
                 told = f"{self.key}.told"
                 _remove_at(state, told)
@@ -355,6 +344,7 @@ def check_manifest(data) -> dict:
     _text(data.get("job_id"))
     _text(data.get("task_id"), optional=True)
     _text(data.get("user"))
+    _text(data.get("scheduler"), optional=True)
     _text(data.get("workdir"), path=True)
     _text(data.get("envs_dir"), path=True, optional=True)
     for key in ("results", "problems", "messages"):
@@ -369,8 +359,13 @@ def check_manifest(data) -> dict:
         if item["status"] == "staged":
             _text(item.get("path"), path=True)
             _text(item.get("original"), path=True)
-            if not isinstance(item.get("seconds"), (int, float)):
-                raise ValueError("bad seconds")
+            _text(item.get("copy"), optional=True)
+            for key in ("seconds", "bytes", "files"):
+                value = item.get(key, 0)
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                    raise ValueError(f"bad {key}")
+            if not isinstance(item.get("reused", False), bool):
+                raise ValueError("bad reused")
         else:
             _text(item.get("reason"))
     return data
@@ -380,6 +375,23 @@ def one_line(text, limit: int = 2000) -> str:
     """``text`` as one printable line of at most ``limit`` characters."""
     text = printable(text)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def write_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644) -> None:
+    """(root) Replace ``name`` in ``dir_fd`` atomically with ``data``: a new
+    file (never an existing one opened through a planted link), renamed."""
+    tmp = f".{name}.{os.getpid()}"
+    _remove_at(dir_fd, tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 mode, dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
 # ---------------------------------------------------------------- removal
@@ -425,31 +437,44 @@ def _unlink(name: str, dir_fd: int) -> None:
 
 
 # ------------------------------------------------------ inside a job (user)
-def find_job_copy(original: Path, environ=None) -> Path | None:
+def find_job_copy(original: Path, environ=None, config=None) -> Path | None:
     """The copy of the environment at ``original`` that this job's prolog
-    staged, if this runs in such a job: ``$CONDA_STAGE_JOB_DIR/envs`` (a
-    root-owned job folder) or ``$TMPDIR/conda-stage/envs`` (SGE, the
-    user's own), holding copies of the current user's."""
+    staged, if this runs in such a job: found through the job's manifest --
+    root's (``$CONDA_STAGE_JOB_DIR`` names a job folder of the site's
+    staging folder) or, for an SGE job-owner prolog, the user's own in
+    ``$TMPDIR/conda-stage`` -- and only if it names the current user and
+    the copy carries its marker."""
+    import pwd
+
+    from .config import Config
     from .store import read_marker
 
     environ = os.environ if environ is None else environ
     uid = os.getuid()
-    folders = [environ.get("CONDA_STAGE_JOB_DIR")]
-    if environ.get("TMPDIR"):
-        folders.append(os.path.join(environ["TMPDIR"], "conda-stage"))
-    for folder in filter(None, folders):
+    manifests = []
+    job_dir = environ.get("CONDA_STAGE_JOB_DIR") or ""
+    key = os.path.basename(job_dir)
+    if valid_key(key) and config is None:
         try:
-            if os.stat(folder).st_uid not in (0, uid):
-                continue
-            envs = os.path.join(folder, ENVS)
-            if os.stat(envs).st_uid != uid:
-                continue
-            names = os.listdir(envs)
-        except OSError:
+            config = Config.load()
+        except StageError:
+            config = None
+    if valid_key(key):
+        if config is not None and job_dir == os.path.join(config.staging_dir, key):
+            manifests.append(JobDir(config.staging_dir, config.state_dir, key).read_manifest())
+    if environ.get("TMPDIR"):
+        manifests.append(read_manifest(Path(environ["TMPDIR"]) / "conda-stage", owners=(uid,)))
+    try:
+        me = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+    for manifest in filter(None, manifests):
+        if manifest["user"] != me:
             continue
-        for name in names:
-            copy = Path(envs) / name
-            marker = read_marker(copy)
-            if marker is not None and marker.mode == "job" and marker.original == str(original):
-                return copy
+        for item in manifest["results"]:
+            if item["status"] == "staged" and item["original"] == str(original):
+                copy = Path(item["path"])
+                marker = read_marker(copy)
+                if marker is not None and marker.mode == "job" and marker.original == str(original):
+                    return copy
     return None

@@ -28,6 +28,7 @@ from .config import Config
 from .errors import StageError
 from .job import Job
 from .jobdir import MANIFEST, UnsafeBase, check_manifest, one_line
+from .nodestore import NodeStore, holder
 from .privileges import ChildFailed, run_as
 
 _GRACE = 15.0  # seconds past the budget before the staging child is killed
@@ -40,17 +41,26 @@ def prolog(job: Job, config: Config, log) -> dict | None:
         return None
     t0 = time.monotonic()
     deadline = t0 + config.prolog_budget
+    store = _store(job, config)
     manifest = None
     try:
         if job.folder is not None:
             job.folder.create(job.account.uid, job.account.gid)
-        report = run_as(job.account, _stage_envs, _job_spec(job),
-                        {"conda_root": config.conda_root, "lock_timeout": config.lock_timeout,
-                         "deadline": deadline},
-                        timeout=config.prolog_budget + _GRACE)
-        manifest = check_manifest(report)
-        if _staged_paths(manifest) - _expected_paths(job):
-            raise ValueError("the staging child reported copies outside the job folder")
+        if store is None:
+            manifest = _run_staging(job, config, deadline, None)
+        else:
+            # Other users' copies past their keep time make room first
+            # (only users whose lock is free right now: never a wait).
+            sweep_node(store, log, job.label, wait=False, skip=job.account.uid)
+            # One user's prologs take turns: the first extracts, the next
+            # ones find its copy and share it.
+            with store.locked(job.account.uid, deadline) as mine:
+                store.prepare_user(job.account.uid, job.account.gid)
+                try:
+                    manifest = _run_staging(job, config, deadline, store)
+                    _hold_copies(job, mine, manifest)
+                finally:
+                    _sweep(mine, job.account, log, job.label, deadline=deadline)
     except UnsafeBase as exc:
         log.error(f"{job.label}: refusing the staging folder: {exc}")
         manifest = _manifest(job, _all_skipped(job, f"this node's staging folder is not safe "
@@ -61,9 +71,10 @@ def prolog(job: Job, config: Config, log) -> dict | None:
                   if "timed out" in str(exc) else f"staging failed ({exc})")
         manifest = _manifest(job, _all_skipped(job, reason))
         _discard_copies(job, log)
-    except (OSError, ValueError, LookupError) as exc:
+    except (OSError, ValueError, LookupError, StageError) as exc:
         log.error(f"{job.label}: staging failed: {one_line(exc)}")
-        manifest = _manifest(job, _all_skipped(job, f"internal error ({exc})"))
+        manifest = _manifest(job, _all_skipped(job, f"internal error ({exc})"
+                                               if not isinstance(exc, StageError) else str(exc)))
         _discard_copies(job, log)
     if job.folder is not None:
         try:
@@ -72,14 +83,83 @@ def prolog(job: Job, config: Config, log) -> dict | None:
             log.error(f"{job.label}: cannot write the manifest: {one_line(exc)}")
     for item in manifest["results"]:
         if item["status"] == "staged":
+            how = " (shared copy)" if item.get("reused") else (
+                " (extracted)" if item.get("copy") else "")
             log.info(f"{job.label}: staged {item['original']} -> {item['path']} "
-                     f"in {item['seconds']:.2f} s")
+                     f"in {item['seconds']:.2f} s{how}")
         else:
             log.warning(f"{job.label}: not staged {item['name']}: {item['reason']}")
     for problem in job.request.problems:
         log.warning(f"{job.label}: bad request: {problem}")
     log.info(f"{job.label}: prolog done in {time.monotonic() - t0:.2f} s")
     return manifest
+
+
+def _store(job: Job, config: Config) -> NodeStore | None:
+    """The node store, when this job's copies are shared (a root-made job
+    folder and sharing on)."""
+    if job.folder is None or not config.share_copies:
+        return None
+    return NodeStore.from_config(config)
+
+
+def _run_staging(job: Job, config: Config, deadline: float, store: NodeStore | None) -> dict:
+    """Stage as the job user; the child's report, checked like user input."""
+    spec = _job_spec(job)
+    spec["store"] = str(store.user_folder(job.account.uid)) if store else None
+    report = run_as(job.account, _stage_envs, spec,
+                    {"conda_root": config.conda_root, "lock_timeout": config.lock_timeout,
+                     "deadline": deadline},
+                    timeout=config.prolog_budget + _GRACE)
+    manifest = check_manifest(report)
+    for item in manifest["results"]:
+        if item["status"] != "staged":
+            continue
+        if item["name"] not in job.request.names:
+            raise ValueError("the staging child reported an environment nobody asked for")
+        if store is not None:
+            cid = store.parse_copy_path(job.account.uid, item["path"], item["name"])
+            if cid is None or cid != item.get("copy"):
+                raise ValueError("the staging child reported a copy outside the user's store")
+        elif item["path"] != str(job.envs_dir / item["name"]):
+            raise ValueError("the staging child reported copies outside the job folder")
+    return manifest
+
+
+def _hold_copies(job: Job, mine, manifest: dict) -> None:
+    """(root, under the user's lock) This job now holds the copies it uses."""
+    who = holder(job.scheduler, job.folder.key)
+    for item in manifest["results"]:
+        if item["status"] == "staged" and mine.copy_exists(item["copy"], item["name"]):
+            mine.hold(item["copy"], who, name=item["name"], original=item["original"],
+                      size=(item.get("bytes", 0), item.get("files", 0)))
+
+
+def _sweep(mine, account, log, label: str, *, deadline=None, keep=None, over=None) -> list:
+    """(root, under the user's lock) Remove the user's copies nobody holds
+    that are past their keep time (or over the disk budget), after stopping
+    the user's processes still running from them."""
+    doomed = mine.unused(keep=keep, over_budget=over)
+    if doomed:
+        try:
+            run_as(account, _terminate_under, [r.path for r in doomed], timeout=60)
+        except (ChildFailed, OSError) as exc:
+            log.error(f"{label}: stopping processes before removing copies failed: "
+                      f"{one_line(exc)}")
+    removed = []
+    for rec in doomed:
+        try:
+            mine.remove(rec, deadline)
+            removed.append(rec)
+            log.info(f"{label}: removed the unused copy {rec.path} of {rec.original}")
+        except (OSError, StageError) as exc:
+            log.error(f"{label}: could not remove {rec.path}: {one_line(exc)}")
+    mine.tidy()
+    return removed
+
+
+def _terminate_under(paths: list) -> int:
+    return sum(terminate_processes_under(Path(p)) for p in paths)
 
 
 def failed(manifest: dict | None) -> bool:
@@ -90,14 +170,6 @@ def failed(manifest: dict | None) -> bool:
 def _all_skipped(job: Job, reason: str) -> list:
     return [{"name": n, "status": "skipped", "reason": one_line(reason)}
             for n in job.request.names]
-
-
-def _staged_paths(manifest: dict) -> set:
-    return {r["path"] for r in manifest["results"] if r["status"] == "staged"}
-
-
-def _expected_paths(job: Job) -> set:
-    return {str(job.envs_dir / n) for n in job.request.names}
 
 
 def _discard_copies(job: Job, log) -> None:
@@ -115,6 +187,7 @@ def _job_spec(job: Job) -> dict:
     return {"names": job.request.names, "problems": job.request.problems,
             "workdir": str(job.workdir), "job_id": job.job_id, "task_id": job.task_id,
             "label": job.label, "environ": job.environ, "home": job.account.home,
+            "scheduler": job.scheduler,
             "user": job.account.name, "root_folder": job.folder is not None}
 
 
@@ -125,14 +198,20 @@ def _manifest(job_or_spec, results) -> dict:
     messages = [f"conda-stage: ignoring part of the request: {one_line(p)}"
                 for p in spec["problems"]]
     for r in results:
-        if r["status"] == "staged":
+        if r["status"] == "staged" and r.get("reused"):
+            messages.append(f"conda-stage: {r['name']} is staged at {r['path']} (a copy this "
+                            f"node already had, shared with your other jobs); "
+                            f"'conda activate {r['name']}' uses it")
+        elif r["status"] == "staged":
             messages.append(f"conda-stage: staged {r['name']} to {r['path']} in "
                             f"{r['seconds']:.1f} s; 'conda activate {r['name']}' uses it")
         else:
             messages.append(f"conda-stage: not staging {r['name']}: {one_line(r['reason'])}; "
                             f"the job runs without a staged copy of it")
     return {"job_id": spec["job_id"], "task_id": spec["task_id"], "user": spec["user"],
-            "workdir": str(workdir), "envs_dir": str(workdir / "envs") if staged else None,
+            "scheduler": spec["scheduler"],
+            "workdir": str(workdir),
+            "envs_dir": os.path.dirname(staged[0]["path"]) if staged else None,
             "results": results, "problems": [one_line(p) for p in spec["problems"]],
             "messages": messages, "created": time.time()}
 
@@ -144,7 +223,7 @@ def _stage_envs(spec: dict, conf: dict) -> dict:
     from .autostage import is_enabled
     from .errors import NotEnabled, StageError
     from .resolve import resolve
-    from .stage import stage
+    from .stage import stage, stage_shared
 
     workdir = Path(spec["workdir"])
     envs = workdir / "envs"
@@ -167,20 +246,25 @@ def _stage_envs(spec: dict, conf: dict) -> dict:
                                  f"once with: conda stage --auto-stage=enable {name})")
             # repack=False: a hook never writes to the user's environment or
             # tarball; a stale tarball is reported, the job runs unstaged.
-            path = stage(env, path=envs / name, name=name, mode="job",
-                         job_id=spec["job_id"], repack=False,
-                         lock_timeout=conf["lock_timeout"], deadline=deadline)
-            results.append({"name": name, "status": "staged", "path": str(path),
+            if spec.get("store"):
+                shared = stage_shared(env, Path(spec["store"]), name, job_id=spec["job_id"],
+                                      lock_timeout=conf["lock_timeout"], deadline=deadline)
+                _read_only(shared.path.parent)  # 'conda create' never picks it
+                item = {"path": str(shared.path), "copy": shared.copy_id,
+                        "reused": shared.reused, "bytes": shared.bytes, "files": shared.files}
+            else:
+                path = stage(env, path=envs / name, name=name, mode="job",
+                             job_id=spec["job_id"], repack=False,
+                             lock_timeout=conf["lock_timeout"], deadline=deadline)
+                item = {"path": str(path)}
+            results.append({"name": name, "status": "staged", **item,
                             "original": str(env.prefix),
                             "seconds": round(time.monotonic() - t0, 3)})
         except Exception as exc:  # noqa: BLE001 -- isolate environments from each other
             reason = str(exc) if isinstance(exc, StageError) else _oserror_line(exc)
             output.warn(one_line(reason))
             results.append({"name": name, "status": "skipped", "reason": one_line(reason)})
-    try:
-        os.chmod(envs, 0o555)  # so that 'conda create' never picks it as a target
-    except OSError:
-        pass
+    _read_only(envs)
     manifest = _manifest(spec, results)
     if not spec["root_folder"]:
         from .tarball import atomic_write
@@ -188,6 +272,14 @@ def _stage_envs(spec: dict, conf: dict) -> dict:
 
         atomic_write(workdir / MANIFEST, json.dumps(manifest, indent=1).encode(), mode=0o644)
     return manifest
+
+
+def _read_only(folder: Path) -> None:
+    """So that 'conda create' never picks an envs folder as its target."""
+    try:
+        os.chmod(folder, 0o555)
+    except OSError:
+        pass
 
 
 def _oserror_line(exc: Exception) -> str:
@@ -205,15 +297,21 @@ def _oserror_line(exc: Exception) -> str:
 
 # ------------------------------------------------------------ task prolog
 def exports(manifest: dict | None, environ) -> dict[str, str]:
-    """Variables that point the job's conda at the staged copies (values
-    are single-line; entries of the job's own CONDA_ENVS_PATH that are not
-    are dropped)."""
-    if not manifest or not manifest.get("envs_dir"):
+    """Variables that point the job's conda at the staged copies: the
+    folder of each copy first in CONDA_ENVS_PATH (values are single-line;
+    entries of the job's own CONDA_ENVS_PATH that are not are dropped)."""
+    if not manifest:
         return {}
-    envs_dir = manifest["envs_dir"]
+    folders = []
+    for item in manifest["results"]:
+        folder = os.path.dirname(item["path"]) if item["status"] == "staged" else None
+        if folder and folder not in folders:
+            folders.append(folder)
+    if not folders:
+        return {}
     current = [p for p in environ.get("CONDA_ENVS_PATH", "").split(os.pathsep)
-               if p and p.isprintable() and p != envs_dir]
-    return {"CONDA_ENVS_PATH": os.pathsep.join([envs_dir] + current),
+               if p and p.isprintable() and p not in folders]
+    return {"CONDA_ENVS_PATH": os.pathsep.join(folders + current),
             "CONDA_STAGE_JOB_DIR": manifest["workdir"]}
 
 
@@ -232,6 +330,8 @@ def epilog(job: Job, config: Config, log) -> None:
             log.info(f"{job.label}: removed {path}, staged by a shell that has exited")
     except (ChildFailed, OSError) as exc:
         log.error(f"{job.label}: cleaning up as the job user failed: {one_line(exc)}")
+    if job.folder is not None:
+        _release(job, config, log, deadline)
     if not staged:
         return
     if job.folder is not None:
@@ -248,6 +348,59 @@ def epilog(job: Job, config: Config, log) -> None:
         log.error(f"{job.label}: could not remove {job.workdir}")
         return
     log.info(f"{job.label}: removed {job.workdir} in {time.monotonic() - t0:.2f} s")
+
+
+def _release(job: Job, config: Config, log, deadline: float) -> None:
+    """(root) The job lets go of its shared copies; those nobody holds go
+    once past their keep time -- this user's, and other users' whose lock
+    is free right now (the full pass with the scheduler's view of running
+    jobs is 'conda-stage gc --jobs')."""
+    store = NodeStore.from_config(config)
+    uid = job.account.uid
+    try:
+        if store.records(uid) or os.path.lexists(store.user_folder(uid)):
+            with store.locked(uid, deadline) as mine:
+                for rec in mine.release(holder(job.scheduler, job.folder.key)):
+                    left = f"{len(rec.holders)} other job(s) still use it" if rec.holders else \
+                        "no job uses it now"
+                    log.info(f"{job.label}: released {rec.path} ({left})")
+                _sweep(mine, job.account, log, job.label, deadline=deadline)
+        sweep_node(store, log, job.label, wait=False, skip=uid)
+    except (OSError, StageError) as exc:
+        log.error(f"{job.label}: releasing shared copies failed: {one_line(exc)}")
+
+
+def sweep_node(store: NodeStore, log, label: str, *, wait: bool, skip=None,
+               is_gone=None) -> list:
+    """(root) Every user's unused copies past their keep time or over the
+    disk budget.  ``wait``: wait for busy users' locks (gc), else skip them
+    (hooks).  ``is_gone(holder)``: drop holders whose job no longer runs."""
+    from .nodestore import over_budget
+    from .privileges import Account
+
+    now = time.time()
+    everyone = [r for uid in store.uids() for r in store.records(uid)]
+    over = over_budget(store, everyone, now)
+    removed = []
+    for uid in store.uids():
+        if uid == skip:
+            continue
+        try:
+            account = Account.lookup(uid=uid)
+        except KeyError:
+            account = None
+        try:
+            with store.locked(uid, time.monotonic() + (300 if wait else 0)) as mine:
+                if is_gone is not None:
+                    for cid, who in mine.drop_holders(is_gone):
+                        log.info(f"{label}: dropped {who} from copy {cid} of uid {uid}: "
+                                 f"that job no longer runs here")
+                if account is None:
+                    account = Account(name=str(uid), uid=uid, gid=uid, home="/", groups=())
+                removed += _sweep(mine, account, log, label, over=over)
+        except StageError:
+            continue  # busy: its own hooks or the next pass sweep it
+    return removed
 
 
 def _teardown(workdir: str | None, remove: bool) -> dict:

@@ -23,8 +23,9 @@ from .output import printable
 from .pack import pack
 from .relocate import Relocator, check_prefix_fits
 from .resolve import Env
-from .store import (MARKER, new_marker, new_parent, read_marker, remove_copy,
-                    remove_tree, staging_base)
+from .store import (MARKER, add_holder, drop_holder, find_shared, holders_locked, live_holders,
+                    new_marker, new_parent, read_marker, remove_copy, remove_tree,
+                    staging_base)
 from .tarball import Sidecar, Tarball
 from .userfiles import open_regular
 
@@ -123,11 +124,48 @@ def stage(env: Env, *, path: Path | None = None, base: Path | None = None,
     extracted into ``<parent>/.<name>.partial-<pid of this process>`` and
     renamed into place when complete.
     """
+    from .nodestore import copy_id
+
+    opened = open_fresh(env, repack=repack, lock_timeout=lock_timeout, deadline=deadline)
+    with opened.fh:
+        tid = copy_id(os.getuid(), name or env.name, str(env.prefix),
+                      os.fstat(opened.fh.fileno()))
+        if path is None and mode == "interactive" and owner_pid and not writable:
+            shared = _join_shared(env, Path(base) if base else staging_base(), tid, owner_pid)
+            if shared is not None:
+                return shared
+        return _stage_from(env, opened.sidecar.meta, opened.fh, opened.tarball, path=path,
+                           base=base, name=name, writable=writable, owner_pid=owner_pid,
+                           mode=mode, job_id=job_id, deadline=deadline, tarball_id=tid)
+
+
+def _join_shared(env: Env, base: Path, tarball_id: str, owner_pid: int) -> Path | None:
+    """Hold a live copy another shell of this user staged from this very
+    tarball, instead of extracting again; None if there is none."""
+    prefix = find_shared(base, env.prefix, tarball_id)
+    if prefix is None:
+        return None
+    try:
+        with holders_locked(prefix):
+            marker = read_marker(prefix)  # it may have gone while we waited
+            if marker is None or not live_holders(prefix, marker):
+                return None
+            add_holder(prefix, owner_pid)
+    except OSError:
+        return None
+    output.info(f"Using the copy another shell staged from the same tarball: {prefix}")
+    return prefix
+
+
+def open_fresh(env: Env, *, repack: bool, lock_timeout: float | None = None,
+               deadline: float | None = None) -> Opened:
+    """The environment's tarball, opened, with a fresh sidecar: rebuilt
+    first if it is missing or stale and ``repack``, else a StageError that
+    says why and what to run."""
     if (env.prefix / MARKER).exists():
         raise StageError(f"{env.prefix} is itself a staged copy; stage the original environment")
     output.info(f"Staging current Conda environment ({env.prefix}) to local disk ...")
     waiting = f"Waiting for another process packing {env.prefix} ..." if repack else None
-    opened = None
     for attempt in range(3):
         _time_left(deadline, "before its tarball could be read")
         candidate = open_tarball(env, lock_timeout, deadline, waiting=waiting)
@@ -137,8 +175,7 @@ def stage(env: Env, *, path: Path | None = None, base: Path | None = None,
             candidate.close()
             raise
         if reason is None:
-            opened = candidate
-            break
+            return candidate
         candidate.close()
         if not repack:
             if candidate.sidecar.malformed:
@@ -148,12 +185,39 @@ def stage(env: Env, *, path: Path | None = None, base: Path | None = None,
                              f"interactively)")
         if attempt < 2:
             _repack(env, reason, lock_timeout, deadline)
-    if opened is None:
-        raise StageError(f"No usable tarball for {env.prefix}; run 'conda stage --pack {env.prefix}'")
+    raise StageError(f"No usable tarball for {env.prefix}; run 'conda stage --pack {env.prefix}'")
+
+
+class Shared(NamedTuple):
+    path: Path
+    copy_id: str
+    reused: bool
+    bytes: int
+    files: int
+
+
+def stage_shared(env: Env, folder: Path, name: str, *, job_id: str | None = None,
+                 lock_timeout: float | None = None, deadline: float | None = None) -> Shared:
+    """(job user, under the node store's lock for this user) The copy of
+    ``env`` in the user's store ``folder``: reused when a complete one of
+    this very tarball is there, else extracted to ``folder/<id>/<name>``.
+    A prolog never repacks."""
+    from .nodestore import copy_id
+
+    opened = open_fresh(env, repack=False, lock_timeout=lock_timeout, deadline=deadline)
     with opened.fh:
-        return _stage_from(env, opened.sidecar.meta, opened.fh, opened.tarball, path=path,
-                           base=base, name=name, writable=writable, owner_pid=owner_pid,
-                           mode=mode, job_id=job_id, deadline=deadline)
+        meta = opened.sidecar.meta
+        cid = copy_id(os.getuid(), name, str(env.prefix), os.fstat(opened.fh.fileno()))
+        target = Path(folder) / cid / name
+        if read_marker(target) is not None:  # copies appear complete, by rename
+            output.info(f"Using the copy on this node: {target}")
+            return Shared(target, cid, True, meta.unpacked_bytes, meta.files)
+        os.makedirs(target.parent, mode=0o755, exist_ok=True)
+        os.chmod(target.parent, 0o755)  # read-only if an earlier attempt finished it
+        _stage_from(env, meta, opened.fh, opened.tarball, path=target, base=None, name=name,
+                    writable=False, owner_pid=None, mode="job", job_id=job_id,
+                    deadline=deadline)
+        return Shared(target, cid, False, meta.unpacked_bytes, meta.files)
 
 
 def _repack(env: Env, reason: str, lock_timeout, deadline) -> None:
@@ -169,7 +233,7 @@ def _repack(env: Env, reason: str, lock_timeout, deadline) -> None:
 
 
 def _stage_from(env, meta, fh, tarball, *, path, base, name, writable, owner_pid, mode, job_id,
-                deadline=None):
+                deadline=None, tarball_id=None):
     name = name or env.name
     if path is not None:
         target = Path(os.path.abspath(path))
@@ -184,14 +248,14 @@ def _stage_from(env, meta, fh, tarball, *, path, base, name, writable, owner_pid
     tmp = parent / f".{name}.partial-{os.getpid()}"
     try:
         check_prefix_fits(str(target), meta.max_prefix_length)
-        # Advisory, from the tarball's real size (the sidecar's numbers are
-        # the user's to write): the extractor checks the space actually left
-        # while it writes.
-        _check_space(parent, os.fstat(fh.fileno()).st_size)
+        # Advisory, from the archive's own numbers (at least the tarball's
+        # real size: the sidecar is the user's to write); the extractor
+        # checks the space actually left while it writes.
+        _check_space(parent, max(os.fstat(fh.fileno()).st_size, meta.unpacked_bytes), meta.files)
         _time_left(deadline, "before extracting")
         output.info(f"Extracting {output.describe_file(tarball.path)} to {target}")
         marker = new_marker(env.prefix, name, mode, owner_pid=owner_pid, job_id=job_id,
-                            writable=writable, parent_owned=parent_owned)
+                            writable=writable, parent_owned=parent_owned, tarball_id=tarball_id)
         skip = {ACTIVATE_HOOK} | ({DEACTIVATE_HOOK} if mode == "job" else set())
         relocator = Relocator(meta.records, str(target))
         recompiled = []
@@ -212,6 +276,8 @@ def _stage_from(env, meta, fh, tarball, *, path, base, name, writable, owner_pid
                             skip=frozenset(skip), extra={MARKER: marker.to_bytes()},
                             progress=bar.update, deadline=deadline, before_seal=recompile)
         os.rename(tmp, target)
+        if parent_owned and owner_pid:
+            add_holder(target, owner_pid)
     except BaseException:
         try:
             remove_tree(tmp)
@@ -237,24 +303,28 @@ def _stage_from(env, meta, fh, tarball, *, path, base, name, writable, owner_pid
     return target
 
 
-def _check_space(folder: Path, at_least: int) -> None:
-    """Refuse early when ``folder`` has less room than ``at_least`` bytes
-    (the compressed tarball: the copy is not smaller).  Advisory only."""
+def _check_space(folder: Path, need_bytes: int, need_files: int) -> None:
+    """Refuse early, in one line, when ``folder``'s filesystem has fewer
+    free bytes or inodes than the copy needs.  Advisory only."""
     try:
         st = os.statvfs(folder)
     except OSError:
         return
     free = st.f_bavail * st.f_frsize
-    if free < at_least + (16 << 20):
-        raise StageError(f"Not enough free space in {folder}: the environment needs more than "
-                         f"{at_least / 1e6:.0f} MB (the size of its tarball), "
-                         f"{free / 1e6:.0f} MB are free")
+    if free < need_bytes + (16 << 20):
+        raise StageError(f"not enough free space on the local disk ({folder}): the copy needs "
+                         f"{need_bytes / 1e6:.0f} MB, {free / 1e6:.0f} MB are free")
+    if st.f_files and st.f_favail < need_files + 64:
+        raise StageError(f"not enough free inodes on the local disk ({folder}): the copy needs "
+                         f"{need_files} files, {st.f_favail} more can be created")
 
 
-def unstage(prefix: Path, *, force: bool = False) -> bool:
-    """Remove the staged copy at ``prefix``.  Copies staged by a job's
-    prolog are left to the epilog unless ``force``.  Returns whether it was
-    removed."""
+def unstage(prefix: Path, *, force: bool = False, holder_pid: int | None = None) -> bool:
+    """Let go of the staged copy at ``prefix`` for the shell ``holder_pid``
+    (default: the calling shell, our parent process) and remove it unless
+    other live shells hold it.  Copies staged by a job's prolog are left to
+    the epilog.  ``force``: remove it whoever holds it.  Returns whether it
+    was removed."""
     prefix = Path(os.path.abspath(prefix))
     marker = read_marker(prefix)
     if marker is None:
@@ -263,9 +333,23 @@ def unstage(prefix: Path, *, force: bool = False) -> bool:
         output.info(f"Keeping {prefix}: it was staged for job {marker.job_id} and is removed "
                     f"when the job ends")
         return False
+    if marker.mode == "interactive" and marker.parent_owned:
+        with holders_locked(prefix):
+            drop_holder(prefix, holder_pid or os.getppid())
+            others = [p for p in live_holders(prefix, marker) if p != (holder_pid or os.getppid())]
+            if others and not force:
+                output.info(f"Keeping {prefix}: {len(others)} other shell(s) still use it "
+                            f"(PID {', '.join(map(str, others[:5]))})")
+                return False
+            _remove(prefix, marker)
+        return True
+    _remove(prefix, marker)
+    return True
+
+
+def _remove(prefix: Path, marker) -> None:
     output.info("Unstaging and reverting to original Conda environment  ...")
     t0 = time.monotonic()
     output.info(f"Removing staged Conda environment: {prefix}")
     remove_copy(prefix, marker)
     output.info(f"Total unstage time: {output.seconds(time.monotonic() - t0)}")
-    return True

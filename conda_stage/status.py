@@ -8,7 +8,7 @@ from pathlib import Path
 from . import output
 from .autostage import is_enabled
 from .resolve import Env
-from .store import find_copies, owner_alive, staging_base
+from .store import find_copies, live_holders, staging_base
 from .tarball import Tarball
 
 
@@ -49,6 +49,49 @@ def status_lines(env: Env, base: Path | None = None) -> list[str]:
     if not copies:
         lines.append("Staged:       no copies in " + str(base or staging_base()))
     for path, marker in copies:
-        alive = "alive" if owner_alive(marker) else "gone: 'conda-stage gc' removes it"
-        lines.append(f"Staged:       {path} (shell {marker.owner_pid}, {alive})")
+        holders = live_holders(path, marker)
+        held = (f"held by shell {', '.join(map(str, holders))}" if holders
+                else "its shells are gone: 'conda-stage gc' removes it")
+        lines.append(f"Staged:       {path} ({held})")
     return lines
+
+
+def node_status(*, as_json: bool = False) -> str:
+    """The shared copies on this node: root sees every user's, a user their
+    own (their records are readable to them, not listable by others)."""
+    import json
+    import pwd
+
+    from .config import Config
+    from .nodestore import NodeStore
+
+    config = Config.load()
+    store = NodeStore.from_config(config)
+    uids = store.uids() if os.geteuid() == 0 else [os.getuid()]
+    now = time.time()
+    copies = []
+    for uid in uids:
+        try:
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            user = str(uid)
+        for rec in store.records(uid):
+            copies.append({"user": user, "uid": uid, "name": rec.name, "path": rec.path,
+                           "original": rec.original, "jobs": sorted(rec.holders),
+                           "bytes": rec.bytes, "files": rec.files,
+                           "age_seconds": round(now - rec.created, 1),
+                           "unused_seconds": 0.0 if rec.holders else round(rec.age(now), 1)})
+    if as_json:
+        return json.dumps({"staging_dir": config.staging_dir, "keep_unused": config.keep_unused,
+                           "copies": copies}, indent=1)
+    if not copies:
+        return f"No shared copies in {config.staging_dir}"
+    lines = [f"Shared copies in {config.staging_dir} (kept {config.keep_unused:.0f} s "
+             f"after their last job):"]
+    for c in copies:
+        held = (f"held by {len(c['jobs'])} job(s): {', '.join(c['jobs'])}" if c["jobs"]
+                else f"unused for {_age(c['unused_seconds'])}")
+        lines.append(f"  {c['path']}  {c['user']}  {c['bytes'] / 1e6:.1f} MB  "
+                     f"{c['files']} files  age {_age(c['age_seconds'])}  {held}")
+        lines.append(f"      of {c['original']}")
+    return "\n".join(lines)

@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,13 +40,14 @@ class Marker:
     host: str = ""
     created: str = ""
     tool_version: str = __version__
+    tarball_id: str | None = None  # which tarball it came from (shells share such a copy)
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), indent=1).encode()
 
 
 def new_marker(original: Path, name: str, mode: str, *, owner_pid=None, job_id=None,
-               writable=False, parent_owned=False) -> Marker:
+               writable=False, parent_owned=False, tarball_id=None) -> Marker:
     start = None
     if owner_pid:
         try:
@@ -56,7 +58,7 @@ def new_marker(original: Path, name: str, mode: str, *, owner_pid=None, job_id=N
             start = None
     return Marker(original=str(original), name=name, mode=mode, owner_pid=owner_pid,
                   owner_start=start, job_id=job_id, writable=writable,
-                  parent_owned=parent_owned, host=socket.gethostname(),
+                  parent_owned=parent_owned, host=socket.gethostname(), tarball_id=tarball_id,
                   created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
 
 
@@ -66,7 +68,8 @@ MARKER_LIMIT = 64 << 10
 _MARKER_TYPES = {"original": (str,), "name": (str,), "mode": (str,),
                  "owner_pid": (int, type(None)), "owner_start": (float, int, type(None)),
                  "job_id": (str, type(None)), "writable": (bool,), "parent_owned": (bool,),
-                 "host": (str,), "created": (str,), "tool_version": (str,)}
+                 "host": (str,), "created": (str,), "tool_version": (str,),
+                 "tarball_id": (str, type(None))}
 
 
 def read_marker(prefix: Path) -> Marker | None:
@@ -159,6 +162,8 @@ def remove_copy(prefix: Path, marker: Marker) -> None:
     parent = prefix.parent
     if marker.parent_owned and parent.name.startswith(PARENT_PREFIX):
         try:
+            for holder in parent.glob(f"{HOLDER_PREFIX}*"):
+                holder.unlink(missing_ok=True)
             parent.rmdir()
         except OSError:
             pass
@@ -186,3 +191,77 @@ def find_copies(base: Path):
                 marker = read_marker(Path(child.path))
                 if marker is not None:
                     yield Path(child.path), marker
+
+
+# ----------------------------------------------- shells sharing one copy
+# An interactive copy made in its own ``conda-stage-XXXXXXXX`` folder can be
+# held by several shells of its user: one empty file ``.holder-PID-START``
+# per shell next to it, changed under a lock on that folder.
+HOLDER_PREFIX = ".holder-"
+
+
+def _start_time(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+@contextmanager
+def holders_locked(prefix: Path):
+    """Hold the lock of the folder a copy was made in (flock on the folder)."""
+    import fcntl
+
+    fd = os.open(Path(prefix).parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def add_holder(prefix: Path, pid: int) -> None:
+    start = _start_time(pid)
+    name = f"{HOLDER_PREFIX}{pid}-{int(start * 1000) if start else 0}"
+    fd = os.open(Path(prefix).parent / name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW
+                 | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+
+
+def drop_holder(prefix: Path, pid: int) -> None:
+    for path in Path(prefix).parent.glob(f"{HOLDER_PREFIX}{pid}-*"):
+        path.unlink(missing_ok=True)
+
+
+def live_holders(prefix: Path, marker: Marker) -> list[int]:
+    """PIDs of the shells that hold the copy and still run (the same
+    process: its start time matches).  A copy without holder files (made
+    before shells shared copies) is held by the marker's owner."""
+    import psutil
+
+    found, seen = [], False
+    for path in Path(prefix).parent.glob(f"{HOLDER_PREFIX}*"):
+        seen = True
+        try:
+            pid, start_ms = (int(x) for x in path.name[len(HOLDER_PREFIX):].split("-", 1))
+            proc = psutil.Process(pid)
+            if not start_ms or abs(proc.create_time() * 1000 - start_ms) < 1000:
+                found.append(pid)
+        except (ValueError, psutil.Error):
+            continue
+    if not seen and marker.tarball_id is None and marker.owner_pid and owner_alive(marker):
+        found.append(marker.owner_pid)
+    return found
+
+
+def find_shared(base: Path, original: Path, tarball_id: str):
+    """A complete, read-only interactive copy of ``original`` from this very
+    tarball that a live shell of the current user holds, or None."""
+    for prefix, marker in find_copies(base):
+        if (marker.mode == "interactive" and not marker.writable and marker.parent_owned
+                and marker.original == str(original) and marker.tarball_id == tarball_id):
+            if live_holders(prefix, marker):
+                return prefix
+    return None

@@ -65,11 +65,16 @@ case $hook in
     sge-prolog)
         [ -n "${CONDA_STAGE_ENVS+x}" ] || [ "$read_qstat" = yes ] || exit 0 ;;
     sge-epilog)
-        # A root epilog loses TMPDIR (glibc secure-exec); TMP survives.  A
-        # user who points TMP elsewhere only skips this: execd removes the
-        # job's TMPDIR, copies included, after the epilog.
+        # root@: the prolog's manifest (job, or job.task of an array).  A
+        # job-owner prolog: its folder in TMPDIR; a root epilog loses TMPDIR
+        # (glibc secure-exec), TMP survives.  A user who fakes these only
+        # skips the cleanup of their own copies: gc lets go of them later,
+        # and execd removes the job's TMPDIR.
+        key=${JOB_ID:-none}
+        case ${SGE_TASK_ID:-undefined} in undefined|0) ;; *) key=$key.$SGE_TASK_ID ;; esac
         tmpdir=${TMPDIR:-${TMP:-}}
-        [ -z "$tmpdir" ] || [ -e "$tmpdir/conda-stage" ] || exit 0 ;;
+        [ -e "$state_dir/$key.json" ] || [ -z "$tmpdir" ] || [ -e "$tmpdir/conda-stage" ] \
+            || exit 0 ;;
     *)
         echo "conda-stage: unknown hook name '$hook' (start this script as one of:" \
             "slurm-prolog slurm-task-prolog slurm-epilog sge-prolog sge-epilog)" >&2

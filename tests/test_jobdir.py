@@ -169,17 +169,33 @@ def test_env_file_lines_are_single_lines_or_refused(value):
         assert line.count("\n") == 0 and line == f"CONDA_ENVS_PATH={value}"
 
 
-def test_find_job_copy_only_trusts_the_users_own_copies(base, monkeypatch):
-    job = base / "job"
-    copy = job / "envs" / "a"
+def test_find_job_copy_only_trusts_roots_manifest_for_this_user(base):
+    from conda_stage.config import Config
+
+    config = Config(staging_dir=str(base / "jobs"), state_dir=str(base / "state"))
+    folder = JobDir(config.staging_dir, config.state_dir, "42")
+    folder.create(0, 0)
+    copy = base / "jobs" / "users" / "0" / "0123456789abcdef" / "a"
     copy.mkdir(parents=True)
     (copy / ".conda-stage").write_text(json.dumps({"original": "/envs/a", "name": "a",
                                                    "mode": "job"}))
-    environ = {"CONDA_STAGE_JOB_DIR": str(job)}
-    assert find_job_copy(Path("/envs/a"), environ) == copy
-    assert find_job_copy(Path("/envs/b"), environ) is None
-    os.chown(job / "envs", NOBODY, NOBODY)  # someone else's envs/: not ours
-    assert find_job_copy(Path("/envs/a"), environ) is None
+    manifest = _manifest(folder.path, user="root", results=[
+        {"name": "a", "status": "staged", "path": str(copy), "original": "/envs/a",
+         "seconds": 1.0, "copy": "0123456789abcdef", "reused": False}])
+    folder.write_manifest(manifest)
+    environ = {"CONDA_STAGE_JOB_DIR": str(folder.path)}
+    assert find_job_copy(Path("/envs/a"), environ, config) == copy
+    assert find_job_copy(Path("/envs/b"), environ, config) is None
+    elsewhere = {"CONDA_STAGE_JOB_DIR": str(base / "other" / "42")}
+    assert find_job_copy(Path("/envs/a"), elsewhere, config) is None
+    folder.write_manifest(dict(manifest, user="alice"))  # another user's job
+    assert find_job_copy(Path("/envs/a"), environ, config) is None
+    folder.write_manifest(manifest)
+    os.chown(base / "state" / "42.json", NOBODY, NOBODY)  # not root's: not trusted
+    assert find_job_copy(Path("/envs/a"), environ, config) is None
+    os.chown(base / "state" / "42.json", 0, 0)
+    (copy / ".conda-stage").unlink()  # no marker: not a copy
+    assert find_job_copy(Path("/envs/a"), environ, config) is None
 
 
 def test_read_manifest_in_a_users_folder_checks_the_owner(base):
@@ -217,7 +233,7 @@ def test_gc_jobs_carries_on_past_what_it_cannot_remove(base, capsys):
         JobDir(str(jobs), str(state), key).create(NOBODY, NOBODY)
     (jobs / "notes").mkdir()  # not a job folder: never touched
 
-    def alive(job_id):
+    def alive(job_id, scheduler=None):
         if job_id == "7":
             raise StageError("Cannot ask Slurm about job 7: timeout")
         return False

@@ -1,8 +1,10 @@
 """SGE integration on a real Son of Grid Engine 8.1.9: `#$ -l conda_env=NAME`
 (through the shipped JSV) makes the shipped root prolog stage NAME into the
-job's TMPDIR, `conda activate NAME` lands on the copy, the epilog removes it.
-After every case: nothing left, the queue not in error, the original
-environment and tarball untouched."""
+node store (a copy shared by the user's jobs), `conda activate NAME` lands
+on the copy, the epilog lets go of it and -- kept 0 s here -- removes it.
+A job-owner prolog (no root@) stages into the job's TMPDIR instead.  After
+every case: nothing left, the queue not in error, the original environment
+and tarball untouched."""
 import os
 import re
 import signal
@@ -13,13 +15,20 @@ import pytest
 
 from tests.harness.envs import job_envs
 from tests.harness.sge import SubmitError
-from tests.harness.sitecfg import site_defaults
+from tests.harness import sitecfg
+from tests.harness.sitecfg import site_defaults, store_listing as listing
 from tests.harness.users import TEST_BASE
 
 pytestmark = [pytest.mark.sge, pytest.mark.conda]
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOK_LOG = TEST_BASE / "sge-hooks.log"
+STAGING = TEST_BASE / "sge-jobs"
+STATE = TEST_BASE / "sge-state"
+
+
+def store_copy(name):
+    return sitecfg.store_copy(STAGING, name)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +54,8 @@ def hooks(sge_cluster):
 def cluster(sge_cluster, hooks, site_envs, conda_site):
     HOOK_LOG.unlink(missing_ok=True)
     HOOK_LOG.touch()
-    with site_defaults(log_file=HOOK_LOG, syslog="no", conda_root=conda_site.root_prefix) as d:
+    with site_defaults(log_file=HOOK_LOG, syslog="no", conda_root=conda_site.root_prefix,
+                       staging_dir=STAGING, state_dir=STATE, keep_unused=0) as d:
         sge_cluster.defaults = d
         yield sge_cluster
 
@@ -65,6 +75,7 @@ def sge_job(cluster, sge, hooks, conda_user, conda_site, site_envs):
         assert site_envs[k].snapshot() == snap, f"original environment {k} changed"
     leftovers = [p for p in Path("/tmp").glob("*.all.q") if (p / "conda-stage").exists()]
     assert leftovers == []
+    assert listing(STAGING) == [] and listing(STATE) == [], (listing(STAGING), listing(STATE))
 
 
 def values(text):
@@ -78,23 +89,25 @@ echo "prefix=$CONDA_PREFIX"
 echo "python=$(command -v python)"
 echo "sys_prefix=$(python -c 'import sys; print(sys.prefix)')"
 prefix-probe | sed 's/:/=/'
+p=$CONDA_PREFIX
 conda deactivate
-test -d "$TMPDIR/conda-stage/envs/{name}" && echo "kept_after_deactivate=yes"
+test -d "$p" && echo "kept_after_deactivate=yes"
 """
 
 
 def removed(jid):
-    return re.search(rf"sge job {jid}(\.\d+)? \(csalice\): removed /tmp/{jid}\.", HOOK_LOG.read_text())
+    return re.search(rf"sge job {jid}(\.\d+)? \(csalice\): removed {STAGING}/{jid}\b",
+                     HOOK_LOG.read_text())
 
 
-def test_declared_env_is_staged_into_tmpdir(sge_job, cluster, site_envs):
+def test_declared_env_is_staged_into_the_node_store(sge_job, cluster, site_envs):
     env = site_envs["jup"]
     jid = sge_job(PROBE.format(name=env.name), "-l", f"conda_env={env.name}")
     res = cluster.wait(jid)
     out = cluster.output(jid)
     v = values(out)
-    staged = f"{v['tmpdir']}/conda-stage/envs/{env.name}"
-    assert v["prefix"] == staged, out
+    staged = v["prefix"]
+    assert re.fullmatch(store_copy(env.name), staged), out
     assert v["python"] == f"{staged}/bin/python"
     assert v["sys_prefix"] == staged and v["exe"] == staged and v["lib"] == f"{staged}/lib"
     assert v["kept_after_deactivate"] == "yes"
@@ -112,26 +125,33 @@ def test_two_envs(sge_job, cluster, site_envs):
     jid = sge_job(body, "-l", f"conda_env={a.name}:{b.name}")
     cluster.wait(jid)
     v = values(cluster.output(jid))
-    assert v["prefix"].endswith(f"/conda-stage/envs/{a.name}")
-    assert v["prefix2"].endswith(f"/conda-stage/envs/{b.name}")
+    assert re.fullmatch(store_copy(a.name), v["prefix"])
+    assert re.fullmatch(store_copy(b.name), v["prefix2"])
 
 
-def test_array_job_each_task_its_own_copy(sge_job, cluster, site_envs):
+def test_array_job_tasks_land_on_the_node_store(sge_job, cluster, site_envs):
     env = site_envs["jup"]
-    jid = sge_job(PROBE.format(name=env.name), "-l", f"conda_env={env.name}", "-t", "1-3")
+    mark = HOOK_LOG.stat().st_size
+    jid = sge_job(PROBE.format(name=env.name) + "sleep 3", "-l", f"conda_env={env.name}",
+                  "-t", "1-3")
     cluster.wait(jid, timeout=180)
     prefixes = {values(cluster.output(jid, task=t))["prefix"] for t in (1, 2, 3)}
-    assert prefixes == {f"/tmp/{jid}.{t}.all.q/conda-stage/envs/{env.name}" for t in (1, 2, 3)}
+    assert all(re.fullmatch(store_copy(env.name), p) for p in prefixes), prefixes
+    log = HOOK_LOG.read_text()[mark:]
+    for t in (1, 2, 3):  # each task holds and lets go under its own name
+        assert re.search(rf"sge job {jid}\.{t} \(csalice\): staged ", log), log
+        assert re.search(rf"sge job {jid}\.{t} \(csalice\): released ", log), log
 
 
-def test_two_concurrent_jobs(sge_job, cluster, site_envs):
+def test_two_concurrent_jobs_share_one_copy(sge_job, cluster, site_envs):
     env = site_envs["jup"]
-    jids = [sge_job(PROBE.format(name=env.name) + "sleep 2", "-l", f"conda_env={env.name}")
+    jids = [sge_job(PROBE.format(name=env.name) + "sleep 4", "-l", f"conda_env={env.name}")
             for _ in range(2)]
+    prefixes = set()
     for jid in jids:
         cluster.wait(jid)
-        assert values(cluster.output(jid))["prefix"] == \
-            f"/tmp/{jid}.1.all.q/conda-stage/envs/{env.name}"
+        prefixes.add(values(cluster.output(jid))["prefix"])
+    assert len(prefixes) == 1 and re.fullmatch(store_copy(env.name), prefixes.pop())
 
 
 RUN_FROM_COPY = """
@@ -160,7 +180,7 @@ def test_job_ended_early_leaves_nothing(how, sge_job, cluster, site_envs):
     args = ["-l", f"conda_env={env.name}"] + (["-l", "h_rt=8"] if how == "h_rt" else [])
     jid = sge_job(RUN_FROM_COPY.format(name=env.name), *args)
     _wait_ready(cluster, jid)
-    assert Path(f"/tmp/{jid}.1.all.q/conda-stage/envs/{env.name}/bin").is_dir()
+    assert len(list((STAGING / "users").glob(f"*/*/{env.name}/bin"))) == 1
     if how == "qdel":
         cluster.delete(jid)
     elif how == "sigkill":
@@ -238,7 +258,37 @@ def test_without_the_jsv_the_prolog_reads_the_request_with_qstat(sge_job, cluste
         jid = sge_job(PROBE.format(name=env.name), "-l", f"conda_env={env.name}")
         cluster.wait(jid)
         v = values(cluster.output(jid))
-        assert v["prefix"] == f"{v['tmpdir']}/conda-stage/envs/{env.name}"
+        assert re.fullmatch(store_copy(env.name), v["prefix"])
     finally:
         cluster.defaults.update(sge_read_qstat="no")
         cluster.qconf("-rattr", "queue", "complex_values", "NONE", "all.q")
+
+
+def test_array_job_extracts_once_and_gc_collects_the_kept_copy(sge_job, cluster, site_envs):
+    """With the product's keep time, the tasks of an array job share one
+    extraction; after the job the copy is kept, held by nobody, and the
+    admin's gc removes it."""
+    import json
+    import subprocess
+    import sys
+
+    env = site_envs["jup"]
+    cluster.defaults.update(keep_unused=300)
+    stage = str(Path(sys.prefix) / "bin" / "conda-stage")
+    try:
+        mark = HOOK_LOG.stat().st_size
+        jid = sge_job(PROBE.format(name=env.name), "-l", f"conda_env={env.name}", "-t", "1-6")
+        cluster.wait(jid, timeout=300)
+        prefixes = {values(cluster.output(jid, task=t))["sys_prefix"] for t in range(1, 7)}
+        assert len(prefixes) == 1, prefixes
+        log = HOOK_LOG.read_text()[mark:]
+        assert len(re.findall(rf"staged {env.prefix} -> .* \(extracted\)", log)) == 1, log
+        assert len(re.findall(rf"staged {env.prefix} -> .* \(shared copy\)", log)) == 5, log
+        status = json.loads(subprocess.run([stage, "status", "--node", "--json"], check=True,
+                                           capture_output=True, text=True).stdout)
+        assert [(c["path"], c["jobs"]) for c in status["copies"]] == [(prefixes.pop(), [])]
+    finally:
+        cluster.defaults.update(keep_unused=0)
+        r = subprocess.run([stage, "gc", "--jobs", "--all-unused"], capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr

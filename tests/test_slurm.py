@@ -3,7 +3,9 @@ TaskProlog and Epilog pre-stage declared environments, `conda activate NAME`
 lands on the node-local copy, and everything is gone after the job -- also
 after scancel, a time-out or a SIGKILL.  After every case: nothing staged is
 left, the node is not drained, the original environment and its tarball are
-untouched."""
+untouched.  Copies are shared by the user's jobs (the product's default);
+this module keeps them for 0 s after their last job, so that every job's
+end is checked for leftovers (test_store_slurm.py covers keeping them)."""
 import os
 import re
 import subprocess
@@ -15,12 +17,12 @@ import psutil
 import pytest
 
 from tests.harness.envs import enable_env, job_envs, remove_env
-from tests.harness.sitecfg import site_defaults
+from tests.harness import sitecfg
+from tests.harness.sitecfg import slurm_hooks, store_listing
 from tests.harness.users import TEST_BASE
 
 pytestmark = [pytest.mark.slurm, pytest.mark.conda]
 
-ROOT = Path(__file__).resolve().parent.parent
 STAGING = TEST_BASE / "slurm-jobs"
 STATE = TEST_BASE / "slurm-state"
 HOOK_LOG = TEST_BASE / "slurm-hooks.log"
@@ -34,17 +36,10 @@ def site_envs(conda_site, conda_user, stage_bin):
 
 @pytest.fixture(scope="module")
 def cluster(slurm_cluster, site_envs, conda_site):
-    hooks = {
-        "prolog": str(slurm_cluster.install_file(ROOT / "prolog" / "slurm-prolog")),
-        "task_prolog": str(slurm_cluster.install_file(ROOT / "prolog" / "slurm-task-prolog")),
-        "epilog": str(slurm_cluster.install_file(ROOT / "epilog" / "slurm-epilog")),
-    }
     HOOK_LOG.unlink(missing_ok=True)
-    with site_defaults(staging_dir=STAGING, state_dir=STATE, log_file=HOOK_LOG, syslog="no",
-                       conda_root=conda_site.root_prefix) as defaults:
-        with slurm_cluster.hooks_configured(**hooks, prolog_flags="Alloc"):
-            slurm_cluster.defaults = defaults
-            yield slurm_cluster
+    with slurm_hooks(slurm_cluster, staging_dir=STAGING, state_dir=STATE, log_file=HOOK_LOG,
+                     syslog="no", conda_root=conda_site.root_prefix, keep_unused=0):
+        yield slurm_cluster
 
 
 @pytest.fixture
@@ -60,14 +55,20 @@ def slurm_job(cluster, conda_user, conda_site, site_envs):
         return cluster.submit(conda_user, script, *args)
 
     yield submit
-    leftovers = os.listdir(STAGING) if STAGING.exists() else []
-    assert leftovers == [], f"staged files left behind: {leftovers}"
-    manifests = os.listdir(STATE) if STATE.exists() else []
-    assert manifests == [], f"manifests left behind: {manifests}"
+    assert_nothing_left()
     assert "drain" not in cluster.node_state(), cluster.node_reason()
     cluster.wait_idle(timeout=30)
     for k, snap in before.items():
         assert site_envs[k].snapshot() == snap, f"original environment {k} changed"
+
+
+def assert_nothing_left():
+    assert store_listing(STAGING) == [], f"staged files left behind: {store_listing(STAGING)}"
+    assert store_listing(STATE) == [], f"state left behind: {store_listing(STATE)}"
+
+
+def store_copy(name):
+    return sitecfg.store_copy(STAGING, name)
 
 
 def values(text):
@@ -81,8 +82,9 @@ echo "python=$(command -v python)"
 echo "sys_prefix=$(python -c 'import sys; print(sys.prefix)')"
 prefix-probe | sed 's/:/=/'
 echo "probe_home=$PREFIX_PROBE_HOME"
+p=$CONDA_PREFIX
 conda deactivate
-test -d "$CONDA_STAGE_JOB_DIR/envs/{name}" && echo "kept_after_deactivate=yes"
+test -d "$p" && echo "kept_after_deactivate=yes"
 """
 
 
@@ -93,8 +95,8 @@ def test_declared_env_is_staged_and_activated_by_name(slurm_job, cluster, site_e
     out = cluster.output(jid)
     assert info["JobState"] == "COMPLETED", out
     v = values(out)
-    staged = f"{STAGING}/{jid}/envs/{env.name}"
-    assert v["prefix"] == staged, out
+    staged = v["prefix"]
+    assert re.fullmatch(store_copy(env.name), staged), out
     assert v["python"] == f"{staged}/bin/python"
     assert v["sys_prefix"] == staged
     assert v["exe"] == staged and v["lib"] == f"{staged}/lib"
@@ -102,7 +104,11 @@ def test_declared_env_is_staged_and_activated_by_name(slurm_job, cluster, site_e
     assert v["kept_after_deactivate"] == "yes"  # the epilog owns prolog-staged copies
     assert f"conda-stage: staged {env.name} to {staged} in " in out
     log = HOOK_LOG.read_text()
-    assert re.search(rf"slurm job {jid} \(csalice\): staged {env.prefix} -> {staged} in", log)
+    assert re.search(rf"slurm job {jid} \(csalice\): staged {env.prefix} -> {staged} in "
+                     rf"[0-9.]+ s \(extracted\)", log)
+    assert re.search(rf"slurm job {jid} \(csalice\): released {staged} \(no job uses it now\)",
+                     log)
+    assert re.search(rf"slurm job {jid} \(csalice\): removed the unused copy {staged} ", log)
     assert re.search(rf"slurm job {jid} \(csalice\): removed {STAGING}/{jid}", log)
 
 
@@ -112,20 +118,22 @@ def test_two_envs_in_one_job(slurm_job, cluster, site_envs):
     jid = slurm_job(body, f"--comment=conda_env={a.name}:{b.name} other-tool=x")
     assert cluster.wait(jid)["JobState"] == "COMPLETED"
     v = values(cluster.output(jid))
-    assert v["prefix"] == f"{STAGING}/{jid}/envs/{a.name}"
-    assert v["prefix2"] == f"{STAGING}/{jid}/envs/{b.name}"
+    assert re.fullmatch(store_copy(a.name), v["prefix"])
+    assert re.fullmatch(store_copy(b.name), v["prefix2"])
 
 
-def test_two_concurrent_jobs_on_the_same_env(slurm_job, cluster, site_envs):
+def test_two_concurrent_jobs_on_the_same_env_share_one_copy(slurm_job, cluster, site_envs):
     env = site_envs["jup"]
-    body = PROBE.format(name=env.name) + "sleep 2\n"
+    body = PROBE.format(name=env.name) + "sleep 4\n"
     jids = [slurm_job(body, f"--comment=conda_env={env.name}") for _ in range(2)]
+    prefixes = set()
     for jid in jids:
         assert cluster.wait(jid)["JobState"] == "COMPLETED"
-        assert values(cluster.output(jid))["prefix"] == f"{STAGING}/{jid}/envs/{env.name}"
+        prefixes.add(values(cluster.output(jid))["prefix"])
+    assert len(prefixes) == 1 and re.fullmatch(store_copy(env.name), prefixes.pop())
 
 
-def test_array_job_tasks_get_their_own_copies(slurm_job, cluster, site_envs):
+def test_array_job_tasks_all_land_on_a_staged_copy(slurm_job, cluster, site_envs):
     env = site_envs["jup"]
     jid = slurm_job(PROBE.format(name=env.name), f"--comment=conda_env={env.name}",
                     "--array=1-3", "-o", f"{cluster.user_workdir('csalice')}/array-%A_%a.out")
@@ -134,9 +142,9 @@ def test_array_job_tasks_get_their_own_copies(slurm_job, cluster, site_envs):
     for task in (1, 2, 3):
         out = (cluster.user_workdir("csalice") / f"array-{jid}_{task}.out").read_text()
         prefix = values(out)["prefix"]
-        assert re.fullmatch(rf"{STAGING}/\d+/envs/{env.name}", prefix), out
+        assert re.fullmatch(store_copy(env.name), prefix), out
         prefixes.add(prefix)
-    assert len(prefixes) == 3
+    assert prefixes
 
 
 def _wait_for_output(cluster, jid, text, timeout=60):
@@ -163,7 +171,8 @@ def test_scancel_while_running(slurm_job, cluster, site_envs):
     env = site_envs["jup"]
     jid = slurm_job(RUN_FROM_COPY.format(name=env.name), f"--comment=conda_env={env.name}")
     _wait_for_output(cluster, jid, "ready")
-    assert (STAGING / jid / "envs" / env.name / "bin").is_dir()
+    copies = list((STAGING / "users").glob(f"*/*/{env.name}/bin"))
+    assert len(copies) == 1
     cluster.cancel(jid)
     assert cluster.wait(jid)["JobState"] == "CANCELLED"
 
@@ -228,7 +237,7 @@ strace -f -qq -e trace=%file,%process -o "$TMPDIR/trace.$SLURM_JOB_ID" \\
     bash -c '. {conda_site.init_file}; conda activate {env.name}; python -c "import json, sqlite3"; prefix-probe'
 echo "strace_rc=$?"
 echo "lines=$(wc -l < "$TMPDIR/trace.$SLURM_JOB_ID")"
-echo "into_copy=$(grep -c "$CONDA_STAGE_JOB_DIR/envs/{env.name}" "$TMPDIR/trace.$SLURM_JOB_ID")"
+echo "into_copy=$(grep -c "${{CONDA_ENVS_PATH%%:*}}" "$TMPDIR/trace.$SLURM_JOB_ID")"
 echo "into_original=$(grep -c "{env.prefix}" "$TMPDIR/trace.$SLURM_JOB_ID")"
 grep "{env.prefix}" "$TMPDIR/trace.$SLURM_JOB_ID" | head -5
 rm -f "$TMPDIR/trace.$SLURM_JOB_ID"
@@ -339,7 +348,7 @@ def test_gc_jobs_removes_folders_of_jobs_slurm_no_longer_runs(slurm_job, cluster
     assert r.returncode == 0, r.stderr
     assert f"INFO: Removed {orphan} (job 7 is not running)" in r.stderr
     assert not orphan.exists() and not (STATE / "7.json").exists()
-    assert (STAGING / jid / "envs" / env.name).is_dir()  # running: kept
+    assert list((STAGING / "users").glob(f"*/*/{env.name}/bin"))  # running: kept
     cluster.cancel(jid)
     cluster.wait(jid)
 

@@ -642,17 +642,21 @@ def test_extraction_past_the_deadline_leaves_nothing(env, staging, monkeypatch):
     assert os.listdir(staging) == []
 
 
-def test_space_check_uses_the_tarball_not_the_sidecar(env, staging, monkeypatch):
+def test_space_check_uses_at_least_the_tarball_whatever_the_sidecar_says(env, staging,
+                                                                         monkeypatch):
     meta = good_meta_dict(env)
     meta["unpacked_bytes"] = 0  # used to turn the check off
     sidecar_of(env).write_text(json.dumps(meta))
     asked, real = [], stage_mod._check_space
-    monkeypatch.setattr(stage_mod, "_check_space", lambda folder, n: asked.append(n))
+    monkeypatch.setattr(stage_mod, "_check_space", lambda folder, n, files: asked.append((n, files)))
     stage(env, base=staging, repack=False)
-    assert asked == [Tarball.at(env, "tar.zst").path.stat().st_size]
-    with pytest.raises(StageError, match=r"Not enough free space in .*: the environment needs "
-                                         r"more than \d+ MB \(the size of its tarball\)"):
-        real(staging, 1 << 62)
+    assert asked == [(Tarball.at(env, "tar.zst").path.stat().st_size, meta["files"])]
+    with pytest.raises(StageError, match=r"not enough free space on the local disk \(.*\): the "
+                                         r"copy needs \d+ MB, \d+ MB are free"):
+        real(staging, 1 << 62, 0)
+    with pytest.raises(StageError, match=r"not enough free inodes on the local disk \(.*\): "
+                                         r"the copy needs \d+ files"):
+        real(staging, 0, 1 << 62)
 
 
 def test_failed_extraction_leaves_no_partial_folder(env, staging, monkeypatch):

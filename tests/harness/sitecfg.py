@@ -46,3 +46,39 @@ def site_defaults(**settings):
             DEFAULTS.unlink(missing_ok=True)
         else:
             DEFAULTS.write_bytes(saved)
+
+
+@contextmanager
+def slurm_hooks(slurm_cluster, **settings):
+    """The shipped Prolog, TaskProlog and Epilog installed on ``slurm_cluster``
+    (``PrologFlags=Alloc``) with the site settings ``settings``; the cluster's
+    ``defaults`` handle rewrites them."""
+    root = Path(__file__).resolve().parents[2]
+    hooks = {
+        "prolog": str(slurm_cluster.install_file(root / "prolog" / "slurm-prolog")),
+        "task_prolog": str(slurm_cluster.install_file(root / "prolog" / "slurm-task-prolog")),
+        "epilog": str(slurm_cluster.install_file(root / "epilog" / "slurm-epilog")),
+    }
+    with site_defaults(**settings) as defaults:
+        with slurm_cluster.hooks_configured(**hooks, prolog_flags="Alloc"):
+            slurm_cluster.defaults = defaults
+            yield slurm_cluster
+
+
+def store_listing(folder: Path) -> list[str]:
+    """What is in a staging or state folder, the node store's empty ``users``
+    folder aside (made once, it stays)."""
+    folder = Path(folder)
+    if not folder.exists():
+        return []
+    found = os.listdir(folder)
+    if "users" in found and not os.listdir(folder / "users"):
+        found.remove("users")
+    return found
+
+
+def store_copy(staging: Path, name: str) -> str:
+    """The pattern of a shared copy's path in the node store under ``staging``."""
+    import re
+
+    return rf"{re.escape(str(staging))}/users/\d+/[0-9a-f]{{16}}/{re.escape(name)}"
