@@ -7,17 +7,19 @@ test suite's harness, as tests/test_slurm.py uses it: tests/harness/slurm.py
 installs Debian's Slurm 22.05 packages if missing and starts munged,
 slurmctld and slurmd under ``--base`` (config ``DIR/etc/slurm.conf``); the
 shipped ``slurm-prolog``, ``slurm-task-prolog`` and ``slurm-epilog`` are
-copied into ``DIR/hooks`` and configured with ``PrologFlags=Alloc``; the
-hooks' site file ``/etc/default/conda-stage`` is written by
-tests/harness/sitecfg.py (staging folder ``DIR/jobs``, manifests in
-``DIR/conda-stage-state``, log ``DIR/log/conda-stage.log``, and no unused
-copy kept for a later job: ``CONDA_STAGE_KEEP_UNUSED=0``).
+copied into ``DIR/hooks`` and configured with ``PrologFlags=Alloc``, and the
+hooks' site file ``/etc/default/conda-stage`` is written, by
+tests/harness/sitecfg.slurm_hooks as tests/test_slurm.py does it (staging
+folder ``DIR/jobs``, manifests in ``DIR/conda-stage-state``, log
+``DIR/log/conda-stage.log``, and no unused copy kept for a later job:
+``CONDA_STAGE_KEEP_UNUSED=0``).
 
 Then CMD runs (as given: it switches to the job user itself), and, if it
 succeeded, the node is shown as root sees it: the staging folder, the
-state folder (manifests) and the hooks' log.  Whatever happens, Slurm is stopped again
-(jobs cancelled, daemons stopped, munged too if this started it) and
-``/etc/default/conda-stage`` is restored.  Exit status: CMD's, or 1.
+state folder (manifests) and the hooks' log.  Whatever happens, the hooks
+are unconfigured, ``/etc/default/conda-stage`` is restored and Slurm is
+stopped again (jobs cancelled, daemons stopped, munged too if this started
+it).  Exit status: CMD's, or 1.
 Run it as root, with the Python of the conda-stage installation (the hooks
 run that Python, see sitecfg.hook_python).
 """
@@ -35,12 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests.harness.sitecfg import DEFAULTS, site_defaults  # noqa: E402
+from tests.harness.sitecfg import DEFAULTS, slurm_hooks  # noqa: E402
 from tests.harness.slurm import SlurmCluster, SlurmError  # noqa: E402
-
-HOOKS = {"prolog": "prolog/slurm-prolog", "task_prolog": "prolog/slurm-task-prolog",
-         "epilog": "epilog/slurm-epilog"}
-
 
 def say(msg: str) -> None:
     print(msg, flush=True)
@@ -98,8 +96,8 @@ def main(argv=None) -> int:
 
     base = args.base.resolve()
     staging, state, log = base / "jobs", base / "conda-stage-state", base / "log" / "conda-stage.log"
-    # keep_unused=0: a copy shared by a user's jobs goes with its last job (sites keep it
-    # a while for the next one), so the Epilog leaves nothing.  Older hooks ignore it.
+    # keep_unused=0: a copy shared by a user's jobs goes with its last job (by default
+    # it is kept a while for the user's next job), so the Epilog leaves nothing.
     settings = dict(staging_dir=staging, state_dir=state, log_file=log, syslog="no",
                     keep_unused=0)
     if args.conda_root:
@@ -111,27 +109,26 @@ def main(argv=None) -> int:
         say("slurm: installing Debian's slurmctld, slurmd, slurm-client, munge (once; ~1 min)")
     rc = 1
     try:
-        with site_defaults(**settings):
-            try:
-                cluster.up()
-                hooks = {k: str(cluster.install_file(REPO / v)) for k, v in HOOKS.items()}
-                cluster.configure_hooks(**hooks, prolog_flags="Alloc")
+        try:
+            cluster.up()
+            # The suite's way (tests/test_slurm.py): the shipped hooks copied into the
+            # cluster and configured, the site file written; both undone on leaving.
+            with slurm_hooks(cluster, **settings):
                 log.unlink(missing_ok=True)  # this run's lines only
                 say(f"slurm: single-node cluster up in {time.monotonic() - t0:.1f} s "
                     f"(tests/harness/slurm.py; node {cluster.node}, SLURM_CONF={cluster.conf_path})")
-                for key, path in zip(("Prolog", "TaskProlog", "Epilog"), hooks.values()):
-                    say(f"slurm: {key}={path}")
+                for key in ("Prolog", "TaskProlog", "Epilog"):
+                    say(f"slurm: {key}={cluster.hooks[key]}")
                 say(f"slurm: {DEFAULTS}: " + ", ".join(f"CONDA_STAGE_{k.upper()}={v}"
                                                        for k, v in settings.items()))
                 rc = subprocess.run(cmd).returncode
                 if rc == 0 and not show_node(staging, state, log):
                     rc = 1
-            finally:
-                # before the site file is restored: Epilogs of cancelled jobs still need it
-                t1 = time.monotonic()
-                cluster.down()
-                say(f"\nslurm: stopped in {time.monotonic() - t1:.1f} s (the daemons under {base}); "
-                    f"restoring {DEFAULTS}")
+            say(f"\nslurm: hooks unconfigured, {DEFAULTS} restored")
+        finally:
+            t1 = time.monotonic()
+            cluster.down()
+            say(f"slurm: stopped in {time.monotonic() - t1:.1f} s (the daemons under {base})")
     except (SlurmError, TimeoutError, OSError) as exc:
         say(f"\nDEMO FAILED: Slurm: {exc}")
         rc = 1
