@@ -44,6 +44,8 @@ def cpu_count() -> int:
 class _ZstdWriter:
     """File-like object compressing into ``fileobj`` with zstd."""
 
+    copies_input = True  # write() is done with its buffer when it returns
+
     def __init__(self, fileobj: BinaryIO, level: int, threads: int):
         import zstandard
 

@@ -320,7 +320,11 @@ class _TarWriter:
                 n = os.readv(fd, [self._buf[:min(left, self._CHUNK)]])
                 if not n:
                     raise OSError(f"{source}: unexpected end of data")
-                self._stream.write(self._buf[:n])  # the compressor copies what it is given
+                piece = self._buf[:n]
+                # zstd copies what it is given; conda-pack's parallel gzip
+                # keeps a reference until a block is full: give it a copy.
+                self._stream.write(piece if getattr(self._stream, "copies_input", False)
+                                   else bytes(piece))
                 self.offset += n
                 left -= n
             self._pad(ti.size)

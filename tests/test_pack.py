@@ -249,3 +249,23 @@ def test_compressed_archive_is_one_zstd_stream_with_checksum(tree):
     params = zstandard.get_frame_parameters(buf.getvalue())
     assert params.has_checksum
     assert len(zstandard.ZstdDecompressor().decompressobj().decompress(buf.getvalue())) >= size
+
+
+@pytest.mark.parametrize("fmt", ["tar.zst", "tar.gz"])
+def test_big_files_survive_a_compressor_that_keeps_references(tmp_path, fmt, monkeypatch):
+    """A file read in pieces into one reused buffer: conda-pack's parallel
+    gzip keeps what it is given until a block is full, so it must get
+    copies (tar.gz archives were corrupt: 'gzip: CRC check failed')."""
+    monkeypatch.setattr(pack._TarWriter, "_CHUNK", 4096)
+    src = tmp_path / "huge.bin"
+    src.write_bytes(os.urandom(900_000))  # more than one gzip block
+    buf = io.BytesIO()
+    stream = formats.compressor(buf, fmt, None, 2)
+    writer = pack._TarWriter(stream)
+    writer.add(str(src), "huge.bin")
+    writer.close()
+    stream.close()
+    dest = tmp_path / "out"
+    with formats.decompressor(io.BytesIO(buf.getvalue()), fmt) as data:
+        extract(data, str(dest), writable=True)
+    assert (dest / "huge.bin").read_bytes() == src.read_bytes()
