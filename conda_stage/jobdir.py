@@ -26,6 +26,7 @@ owns it.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -402,7 +403,16 @@ class OutOfTime(StageError):
 def _remove_at(dir_fd: int, name: str, deadline: float | None = None) -> bool:
     """Remove ``name`` in ``dir_fd`` and everything below it, through file
     descriptors only: symlinks are removed, never followed; a folder swapped
-    for something else mid-way is not descended into."""
+    for something else mid-way is not descended into.
+
+    Iterative, so any depth works with two open descriptors (a recursive
+    walk such as ``os.fwalk`` fails past ~1000 levels a user can make).  It
+    climbs back through ``..`` only after checking that ``..`` is still the
+    folder it came from (device and inode), and it never crosses into
+    another filesystem (a user's FUSE mount): both stop it with
+    :class:`StageError`.  Past ``deadline`` it stops with :class:`OutOfTime`."""
+    import time
+
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -410,23 +420,85 @@ def _remove_at(dir_fd: int, name: str, deadline: float | None = None) -> bool:
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dir_fd)
         return True
-    import time
-
-    for _root, dirs, files, root_fd in os.fwalk(name, topdown=False, dir_fd=dir_fd):
-        if deadline is not None and time.monotonic() > deadline:
-            raise OutOfTime(f"ran out of time removing {name}; 'conda-stage gc --jobs' "
-                            f"removes the rest")
-        for entry in files:
-            _unlink(entry, root_fd)
-        for entry in dirs:
+    top = _open_dir(name, dir_fd, name)
+    fd = top
+    seen = os.fstat(top)
+    chain = [(seen.st_dev, seen.st_ino)]  # the folders from the top down to fd
+    names: list[str] = []
+    try:
+        while True:
+            if deadline is not None and time.monotonic() > deadline:
+                raise OutOfTime(f"ran out of time removing {name}; 'conda-stage gc --jobs' "
+                                f"removes the rest")
+            child = _empty_until_subfolder(fd, chain[0][0])
+            if child is not None:
+                entry, child_fd, child_id = child
+                if fd != top:
+                    os.close(fd)
+                fd = child_fd
+                chain.append(child_id)
+                names.append(entry)
+                continue
+            if fd == top:
+                break
+            parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            pst = os.fstat(parent)
+            os.close(fd)
+            fd = parent
+            chain.pop()
+            if (pst.st_dev, pst.st_ino) != chain[-1]:
+                raise StageError(f"a folder below {name} was moved while it was being "
+                                 f"removed; left alone")
+            if len(chain) == 1:
+                os.close(parent)
+                fd = top
             try:
-                os.rmdir(entry, dir_fd=root_fd)
-            except NotADirectoryError:  # a symlink to a folder
-                _unlink(entry, root_fd)
-            except FileNotFoundError:
+                os.rmdir(names.pop(), dir_fd=fd)
+            except (FileNotFoundError, NotADirectoryError):
                 pass
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise  # refilled meanwhile: the next pass empties it again
+    finally:
+        if fd != top:
+            os.close(fd)
+        os.close(top)
     os.rmdir(name, dir_fd=dir_fd)
     return True
+
+
+def _empty_until_subfolder(fd: int, device: int):
+    """Unlink the non-folders in the folder ``fd`` until the first
+    subfolder; return ``(name, its fd, (dev, ino))`` for it, or None when
+    the folder is empty."""
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                try:
+                    _unlink(entry.name, fd)
+                except IsADirectoryError:  # swapped for a folder: the next pass sees it
+                    pass
+                continue
+            try:
+                child = os.open(entry.name, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # swapped for a link or file
+                    _unlink(entry.name, fd)
+                    continue
+                raise
+            cst = os.fstat(child)
+            if cst.st_dev != device:
+                os.close(child)
+                raise StageError(f"{entry.name} is a mount point (another filesystem): "
+                                 f"left alone")
+            return entry.name, child, (cst.st_dev, cst.st_ino)
+    return None
 
 
 def _unlink(name: str, dir_fd: int) -> None:

@@ -152,9 +152,12 @@ def _sweep(mine, account, log, label: str, *, deadline=None, keep=None, over=Non
             mine.remove(rec, deadline)
             removed.append(rec)
             log.info(f"{label}: removed the unused copy {rec.path} of {rec.original}")
-        except (OSError, StageError) as exc:
+        except Exception as exc:  # noqa: BLE001 -- one copy never stops the others
             log.error(f"{label}: could not remove {rec.path}: {one_line(exc)}")
-    mine.tidy()
+    try:
+        mine.tidy()
+    except Exception as exc:  # noqa: BLE001
+        log.error(f"{label}: could not tidy uid {mine.uid}'s store folder: {one_line(exc)}")
     return removed
 
 
@@ -366,7 +369,7 @@ def _release(job: Job, config: Config, log, deadline: float) -> None:
                     log.info(f"{job.label}: released {rec.path} ({left})")
                 _sweep(mine, job.account, log, job.label, deadline=deadline)
         sweep_node(store, log, job.label, wait=False, skip=uid)
-    except (OSError, StageError) as exc:
+    except Exception as exc:  # noqa: BLE001 -- the job folder is still removed below
         log.error(f"{job.label}: releasing shared copies failed: {one_line(exc)}")
 
 
@@ -398,8 +401,12 @@ def sweep_node(store: NodeStore, log, label: str, *, wait: bool, skip=None,
                 if account is None:
                     account = Account(name=str(uid), uid=uid, gid=uid, home="/", groups=())
                 removed += _sweep(mine, account, log, label, over=over)
-        except StageError:
+        except StageError as exc:
+            if "another job of the same user" not in str(exc):
+                log.error(f"{label}: sweeping uid {uid}'s copies failed: {one_line(exc)}")
             continue  # busy: its own hooks or the next pass sweep it
+        except Exception as exc:  # noqa: BLE001 -- one user's folder never stops the others
+            log.error(f"{label}: sweeping uid {uid}'s copies failed: {one_line(exc)}")
     return removed
 
 

@@ -11,6 +11,8 @@ Layout (``B`` is the site's ``staging_dir``, ``S`` its ``state_dir``)::
                                    original prefix and the tarball's identity
     S/users/                       root 0711
     S/users/<uid>.lock             root 0600: the user's lock
+    S/users/<uid>/                 root 0711: nobody lists it, the user reads
+                                   their records by the ids in B/users/<uid>
     S/users/<uid>/<id>.json        root 0644: the copy's record (holders,
                                    last use, size)
 
@@ -230,11 +232,17 @@ class NodeStore:
         return sorted(found)
 
     def records(self, uid: int) -> list[Record]:
-        """``uid``'s copy records (readable by root and by that user)."""
+        """``uid``'s copy records.  Root lists them; the user, who may not
+        list the records folder (nobody else may either), reads the records
+        of the copies in their own store folder, by name."""
         try:
             with self._fd(self.state_dir, USERS, str(int(uid))) as fd:
-                return [r for r in (_load(fd, n) for n in sorted(os.listdir(fd))
-                                    if n.endswith(".json")) if r is not None]
+                if os.geteuid() == 0:
+                    names = sorted(n for n in os.listdir(fd) if n.endswith(".json"))
+                else:
+                    names = [f"{cid}.json" for cid in sorted(
+                        os.listdir(self.user_folder(uid))) if valid_id(cid)]
+                return [r for r in (_load(fd, n) for n in names) if r is not None]
         except (UnsafeBase, OSError):
             return []
 
@@ -250,9 +258,9 @@ class UserStore:
     @contextmanager
     def _records_fd(self, create: bool = False):
         name = str(self.uid)
-        if create:
+        if create:  # traversable, not listable: a user reads their records by name
             try:
-                os.mkdir(name, 0o755, dir_fd=self._users)
+                os.mkdir(name, 0o711, dir_fd=self._users)
             except FileExistsError:
                 pass
         fd = _open_dir(name, self._users, f"{self.store.state_dir}/{USERS}/{name}")

@@ -263,3 +263,56 @@ def test_doctor_flags_what_the_hooks_refuse(base):
     site.chmod(0o666)
     report = run(str(site))
     assert report.failures == 1 and "is writable by group or others" in report.lines[0]
+
+
+def test_removal_handles_any_depth_with_few_descriptors(base):
+    """A user can make a tree deeper than any recursion limit or fd limit."""
+    import resource
+
+    from conda_stage.jobdir import _remove_at
+
+    top = base / "deep"
+    deep = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    os.mkdir("deep", dir_fd=deep)
+    here = os.open("deep", os.O_RDONLY | os.O_DIRECTORY, dir_fd=deep)
+    os.close(deep)
+    for i in range(3000):  # mkdir -p of 3000 levels, through descriptors
+        os.mkdir("d", dir_fd=here)
+        if i % 500 == 0:
+            os.symlink("/etc", f"link{i}", dir_fd=here)
+            os.close(os.open(f"f{i}", os.O_CREAT | os.O_WRONLY, dir_fd=here))
+        nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=here)
+        os.close(here)
+        here = nxt
+    os.close(here)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+    try:
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert _remove_at(fd, "deep") is True
+        finally:
+            os.close(fd)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert not top.exists() and os.path.isdir("/etc/default")
+
+
+def test_removal_never_crosses_into_another_filesystem(base):
+    from conda_stage.errors import StageError
+    from conda_stage.jobdir import _remove_at
+
+    mnt = base / "tree" / "mnt"
+    mnt.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "cs-test", str(mnt)], check=True)
+    try:
+        (mnt / "keep").write_text("x")
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with pytest.raises(StageError, match="mount point"):
+                _remove_at(fd, "tree")
+        finally:
+            os.close(fd)
+        assert (mnt / "keep").exists()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

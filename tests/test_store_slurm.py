@@ -118,6 +118,10 @@ def test_array_job_of_20_tasks_extracts_once_on_the_node(job, cluster, site_envs
     copies = node_status(cluster)["copies"]
     assert [(c["path"], c["jobs"], c["user"]) for c in copies] == \
         [(prefixes.pop(), [], conda_user.name)]
+    mine = json.loads(subprocess.run(
+        ["runuser", "-u", conda_user.name, "--", CONDA_STAGE, "status", "--node", "--json"],
+        capture_output=True, text=True, timeout=60, check=True, cwd="/").stdout)
+    assert [c["path"] for c in mine["copies"]] == [c["path"] for c in copies]  # as the user
     assert "Nothing to collect" in gc(cluster)  # within its keep time: kept
 
 
