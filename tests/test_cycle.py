@@ -273,3 +273,35 @@ def test_reenabling_with_changed_hooks_repacks(enabled, run, user_tmp):
     r = run(f"conda-stage --auto-stage=enable {shlex.quote(str(env))}")
     assert r.returncode == 0, r.stderr
     assert "Replaced" not in r.stderr and "[ONCE]" not in r.stderr
+
+
+def test_reactivating_the_copy_keeps_it(enabled, run, user_tmp):
+    """conda sources the copy's deactivate.d when it reactivates it: for
+    'conda activate <copy>' (with 'activate' as the shell function's
+    arguments) and after 'conda install' (the site's conda function runs
+    '__conda_eval reactivate', conda's own conda.sh '__conda_reactivate')."""
+    env = enabled()
+    r = run(SNAP + f"""
+snap 0
+conda activate {env.name}
+p=$CONDA_PREFIX
+conda activate "$p"
+echo "after_activate_copy=$CONDA_PREFIX:$PREFIX_PROBE_HOME"
+test -d "$p" && echo "kept_activate=yes"
+__conda_eval reactivate
+echo "after_reactivate=$CONDA_PREFIX:$PREFIX_PROBE_HOME"
+test -d "$p" && echo "kept_reactivate=yes"
+conda deactivate
+test -d "$p" || echo "removed=yes"
+unset p
+snap 1
+""")
+    assert r.returncode == 0, r.stderr
+    v = values(r.stdout)
+    staged = v["after_activate_copy"].split(":")[0]
+    assert staged.startswith(f"{user_tmp}/conda-stage-")
+    probe = f"{staged}:{staged}/share/prefix-probe"
+    assert (v["after_activate_copy"], v["after_reactivate"]) == (probe, probe)
+    assert (v["kept_activate"], v["kept_reactivate"], v["removed"]) == ("yes", "yes", "yes")
+    assert diff(user_tmp, 0, 1) == []
+    assert copies(user_tmp) == []
