@@ -202,6 +202,24 @@ def ensure_envs(lay: Layout, site: CondaSite, user: User) -> None:
         _write_stamp(stamp, lay.native_env)
 
 
+def ensure_twin(lay: Layout, site: CondaSite, user: User, name: str) -> Path:
+    """A second shared environment with the same packages as the one under
+    test (``shared/envs/NAME``), for a tool that must not share its hooks
+    with ours (the original conda-stage installs hooks of the same names).
+    Built through slowfs like the first, once."""
+    ensure_envs(lay, site, user)
+    prefix = lay.mount / "envs" / name
+    stamp = lay.store / f".{name}.stamp"
+    if not _stamp_ok(stamp, prefix) or not (lay.store / "envs" / name).is_dir():
+        say(f"building {prefix} through slowfs (0 ms latency; once, a few minutes)")
+        _wipe(lay.store / "envs" / name)
+        with mounted(str(lay.store), str(lay.mount), meta_latency_ms=0, attr_timeout=1,
+                     entry_timeout=1, negative_timeout=1):
+            _build_env(site, user, prefix, lay.mount / "pkgs", lay.wheelhouse)
+        _write_stamp(stamp, prefix)
+    return prefix
+
+
 def _wipe(path: Path) -> None:
     if not path.exists():
         return

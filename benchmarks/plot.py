@@ -42,8 +42,9 @@ def bars(ax, title, items, unit="s", log=False):
 def main(src, out):
     r = json.load(open(src))
     m = r["machine"]
-    panels = [k for k in ("startup", "pack", "stage") if k in r]
-    heights = {"startup": 4, "pack": 4, "stage": 9}
+    panels = [k for k in ("startup", "pack", "stage", "cycle") if k in r and
+              not (k == "cycle" and "ours" not in r[k])]
+    heights = {"startup": 4, "pack": 10, "stage": 9, "cycle": 3}
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 0.45 * sum(heights[p] for p in panels) + 1.2),
                              gridspec_kw={"height_ratios": [heights[p] for p in panels]})
     if len(panels) == 1:
@@ -57,11 +58,21 @@ def main(src, out):
                 ("conda-stage staged copy", d["staged"], OURS),
                 ("native install on local disk", d["native"], REF)], log=True)
         elif k == "pack":
-            bars(ax, "pack the environment", [
-                ("conda-pack, env on shared FS", d["slow_condapack"], ORIG),
-                ("conda-stage --pack, env on shared FS", d["slow_ours"], OURS),
-                ("conda-pack, env on local disk", d["local_condapack"], ORIG),
-                ("conda-stage --pack, env on local disk", d["local_ours"], OURS)])
+            items = []
+            for case, label in (("local_warm", "local disk, warm"), ("local_cold", "local disk, cold"),
+                                ("slow", "shared FS")):
+                sm = d["samples"][case]
+                items += [(f"{label}: conda-pack (default)", sm["condapack"], ORIG),
+                          (f"{label}: conda-pack -j {d['cores']}", sm["condapack_j"], ORIG),
+                          (f"{label}: conda-pack tar.zst", sm.get("condapack_zst"), ORIG),
+                          (f"{label}: conda-stage --pack", sm["ours"], OURS),
+                          (f"{label}: floor, tar | zstd -T{d['cores']}", sm["floor"], REF)]
+            bars(ax, "pack the environment", items)
+        elif k == "cycle":
+            bars(ax, "conda activate + conda deactivate (auto-staged env)", [
+                ("original conda-stage 0.7", d.get("original", []), ORIG),
+                ("conda-stage", d["ours"], OURS),
+                ("plain conda, no staging", d["plain"], REF)])
         else:
             t = d.get("tmpfs")
             d = d["disk"]
