@@ -708,7 +708,7 @@ class Bench:
             "python": platform.python_version(), "conda": CONDA_VERSION,
             "conda_pack": conda_pack.__version__, "zstandard": zstandard.__version__,
             "conda_stage": conda_stage.__version__,
-            "git": first(f"git -C {REPO} rev-parse --short HEAD") +
+            "git": (first(f"git -C {REPO} rev-parse --short HEAD 2>/dev/null") or "not a git checkout") +
             (" (modified)" if first(f"git -C {REPO} status --porcelain -- conda_stage") else ""),
             "loadavg_start": self.load_start, "loadavg_end": os.getloadavg(),
             "latency_ms": self.lat, "quick": self.quick,
