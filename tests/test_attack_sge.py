@@ -16,11 +16,18 @@ code; /etc, /root's entries, both homes, the test base and /tmp's entries
 as before; the prolog returned within its budget; one clear
 ``conda-stage:`` line per environment; the job left the queue (never Eqw
 unless the site says hold); the queue has no error state; nothing staged is
-left in any TMPDIR.
+left: the root@ prolog stages into the node store (``<staging_dir>/users/
+<uid>/<id>/<name>``, a job folder ``<staging_dir>/<job>[.<task>]``, records
+in the state folder; unused copies kept 0 s here), so no job folder, copy,
+record, lock or manifest is left there, and no ``conda-stage`` folder in any
+job's TMPDIR.  The node store's own attacks (tampering with the attacker's
+``users/<uid>``, the victim's copy by name, the root-only state folder) run
+here as on Slurm.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import time
 import uuid
@@ -39,7 +46,7 @@ pytestmark = [pytest.mark.sge, pytest.mark.conda]
 ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "ag"
 HOOK_LOG = TEST_BASE / "attack-sge-hooks.log"
-JOB_TMP = Path("/tmp/JOB.TASK.all.q")   # stands for the jobs' TMPDIRs (the staging area)
+STAGING, STATE = A.product_dirs()   # the product's defaults (the tests do not override them)
 DEFAULT_PYTHON = "/opt/conda-stage/bin/python"   # what the hooks run when the site names none
 
 
@@ -68,16 +75,17 @@ def cluster(sge_cluster, envs, conda_site):
 class SgeAttack(A.Attack):
     """An attack on the SGE hooks: jobs by qsub as the user (environments
     in ``-l conda_env``, output to a file of our own), never Eqw, a queue
-    without error state, no staged copies left in the jobs' TMPDIRs."""
+    without error state, nothing left in the node store, the state folder
+    or the jobs' TMPDIRs."""
 
     kind = "sge"
     directives = "#$ -S /bin/bash\n"
     prelude = 'echo "cs_tmpdir=$TMPDIR"\n'
 
     def __init__(self, cluster, people, envs, site):
-        super().__init__(cluster, people, envs, site, hook_log=HOOK_LOG, staging=JOB_TMP)
+        super().__init__(cluster, people, envs, site, hook_log=HOOK_LOG, staging=STAGING,
+                         state=STATE)
         self.outputs: dict[str, Path] = {}
-        self.tmp_root = Path("/tmp")   # where SGE makes the jobs' TMPDIRs
 
     def request_via(self, via: str, names) -> None:
         """``jsv``: the shipped JSV moves ``-l conda_env`` into the job's
@@ -137,33 +145,26 @@ class SgeAttack(A.Attack):
         state = self.cluster.queue_state()
         assert state == "", f"queue instance state {state!r}"
 
+    def env_args(self, variables):
+        return ("-v", ",".join(f"{k}={v}" for k, v in variables.items())), {}
+
     def nothing_left(self) -> None:
-        left = [str(p) for p in self.tmp_root.glob("*.all.q") if (p / "conda-stage").exists()]
-        assert left == [], f"staged copies left: {left}"
+        super().nothing_left()
+        left = [str(p) for p in Path("/tmp").glob("*.all.q") if (p / "conda-stage").exists()]
+        assert left == [], f"staged copies left in TMPDIRs: {left}"
 
     @contextlib.contextmanager
     def staging_on(self, mount: Path):
-        """The queue's tmpdir (where SGE makes each job's TMPDIR) on ``mount``."""
-        self.cluster.qconf("-mattr", "queue", "tmpdir", str(mount), "all.q")
-        self.tmp_root = mount
-        try:
-            yield
-        finally:
-            self.cluster.qconf("-mattr", "queue", "tmpdir", "/tmp", "all.q")
+        """The site's staging folder (the node store) on ``mount``."""
+        self.setting(staging_dir=mount)
+        self.staging = mount
+        yield
 
     def clear_jobs(self) -> None:
         left = [j for j in self.jobs if self.cluster.job_state(j) is not None]
         if left:
             self.cluster.run(["qdel", "-f", *left], check=False)
             A.sleep_until(lambda: all(self.cluster.job_state(j) is None for j in left), 60)
-
-    def staged_copy(self, out: str, name: str) -> str:
-        """``conda activate NAME`` in the job gave the prolog's copy in TMPDIR."""
-        vals = A.job_values(out)
-        prefix = vals.get(f"cs_prefix:{name}", "")
-        assert prefix == f"{vals['cs_tmpdir']}/conda-stage/envs/{name}", \
-            f"{name} not staged:\n{out}"
-        return prefix
 
 
 @pytest.fixture
@@ -174,14 +175,17 @@ def atk(cluster, sge, people, envs, conda_site):
         yield attack
 
 
-def staged_in_tmpdir(out: str, name: str) -> None:
-    """The prolog staged NAME into the job's TMPDIR and pointed the job's
-    conda at it."""
+def staged_in_store(out: str, name: str) -> None:
+    """The root prolog staged NAME into the job user's part of the node
+    store (not into TMPDIR) and pointed the job's conda at it."""
     vals = A.job_values(out)
     env = A.job_env(out)
     assert name in vals.get("cs_copies", "").split(), f"{name} not staged:\n{out}"
     first = env.get("CONDA_ENVS_PATH", "").split(":")[0]
-    assert first == f"{vals['cs_tmpdir']}/conda-stage/envs", env.get("CONDA_ENVS_PATH")
+    assert re.fullmatch(A.copy_pattern(STAGING, int(vals["cs_uid"]), name), f"{first}/{name}"), \
+        env.get("CONDA_ENVS_PATH")
+    assert env.get("CONDA_STAGE_JOB_DIR") == f"{STAGING}/{vals['cs_key']}", env
+    assert not os.path.lexists(f"{vals['cs_tmpdir']}/conda-stage"), out
 
 
 # ----------------------------------------------------------------- job variables
@@ -247,7 +251,7 @@ def test_job_variables_never_steer_root_hooks(attack, via, atk, people, envs):
     assert not evil_log.exists() and not Path(f"{evil_log}-defaults").exists()
     assert "python" not in atk.proof.tags(), "the evil Python ran"
     A.one_line(out, one.name)
-    staged_in_tmpdir(out, one.name)   # the real hooks ran, with the site's settings
+    staged_in_store(out, one.name)   # the real hooks ran, with the site's settings
 
 
 @pytest.mark.parametrize("via", ["jsv", "qstat"])
@@ -256,8 +260,10 @@ def test_forged_spool_dir_and_job_id(via, atk, people, envs, conda_site):
     folder's config says the job belongs to the victim (with a TMPDIR of
     the attacker's); the request names the attacker's env and the victim's.
     The hooks act for the real job and owner only: the attacker's env is
-    staged into the real TMPDIR, the victim's is not found, nothing in the
-    fake folders is touched."""
+    staged into the attacker's part of the node store with the real job's
+    folder (never ``999999``, never the victim's part, never the forged
+    TMPDIR), the victim's is not found, nothing in the fake folders is
+    touched."""
     attacker, victim = people.attacker, people.victim
     one, vic = envs["one"], envs["vic"]
     fake = A.user_dir(attacker.home / "cs-attack-spool", attacker, 0o755)
@@ -282,7 +288,10 @@ def test_forged_spool_dir_and_job_id(via, atk, people, envs, conda_site):
     assert "999999" not in log and f"({victim.name})" not in log, log
     assert re.search(rf"job {jid}\S* \({attacker.name}\)", log), log
     A.one_line(out, one.name)
-    atk.staged_copy(out, one.name)
+    prefix = atk.staged_copy(out, one.name)
+    assert prefix.startswith(f"{STAGING}/users/{attacker.uid}/"), prefix
+    assert A.job_values(out)["cs_key"] == jid, out
+    assert A.job_env(out).get("CONDA_STAGE_JOB_DIR") == f"{STAGING}/{jid}"
     A.one_line(out, vic.name)
     A.unstaged(out, vic.name)
 
@@ -314,10 +323,26 @@ DECOY = TEST_BASE / "attack-sge-decoy"
 
 
 def test_job_tampering_with_its_own_copies(atk):
-    """During its job the attacker replaces its staged copy (in TMPDIR) by a
-    symlink to a folder of root's and adds symlinks to the victim's home and
-    /etc, a FIFO and a read-only tree; the root epilog follows none of it."""
-    A.job_tampering(atk, DECOY, job_dir="$TMPDIR/conda-stage", scratch="$d")
+    """During its job the attacker replaces its shared copy (in the node
+    store) by a symlink to a folder of root's, moves the real one into its
+    job folder's ``tmp``, and adds symlinks to the victim's home and /etc,
+    FIFOs and a read-only tree; the root epilog follows none of it."""
+    A.job_tampering(atk, DECOY)
+
+
+# ----------------------------------------------------------------- the node store
+@pytest.mark.parametrize("how", A.STORE_TAMPERING)
+def test_store_tampering_removes_only_the_attackers_things(how, atk):
+    """As on Slurm (see :func:`A.store_tampering`), with SGE's root@ epilog."""
+    A.store_tampering(atk, how, DECOY)
+
+
+def test_attacker_cannot_use_or_hold_the_victims_copy(atk):
+    A.victims_copy_by_name(atk)
+
+
+def test_state_folder_is_root_only(atk):
+    A.state_dir_is_root_only(atk)
 
 
 # ----------------------------------------------------------------- blocking
@@ -359,8 +384,8 @@ def test_newline_in_condarc_forges_no_log_or_output_line(atk):
 # ----------------------------------------------------------------- resources
 @pytest.mark.parametrize("short", A.SHORT_OF)
 def test_staging_filesystem_too_small(short, atk):
-    """The queue's tmpdir (where SGE makes each job's TMPDIR, the staging
-    area) is a tmpfs too small in bytes or inodes."""
+    """The site's staging folder (the node store of root@ prologs) is a
+    tmpfs too small in bytes or inodes."""
     A.staging_filesystem_too_small(atk, short, Path("/mnt") / f"cs-attack-sge-{short}")
 
 

@@ -13,7 +13,15 @@ Every test checks effects, after the job left the queue:
   for the memory bomb, with bounded memory;
 * the job ran, got one clear ``conda-stage:`` line about the environment
   and ran without a copy of it (or was held, when the site says hold);
-* the node is not drained and the staging area is empty afterwards.
+* the node is not drained and the staging area is empty afterwards: no job
+  folder, no shared copy in the node store (``users/<uid>/<id>/<name>``,
+  kept 0 s after its last job here), no record, lock or manifest in the
+  state folder (the store's empty ``users`` folders stay).
+
+The node store gets attacks of its own: the attacker's job tampers with its
+own part of it (``users/<uid>``) while a victim's job holds a copy, asks for
+the victim's environment by name, and tries to plant records and locks in
+the root-only state folder.
 """
 from __future__ import annotations
 
@@ -43,14 +51,7 @@ SQUAT = TEST_BASE / "attack-squat"     # an admin's unwise choice: a 1777 folder
 DECOY = TEST_BASE / "attack-decoy"     # root's precious all-digit folders elsewhere
 
 
-def _product_staging_dir() -> Path:
-    """The product's default staging base (the tests do not override it)."""
-    from conda_stage.config import Config
-
-    return Path(Config().staging_dir)
-
-
-STAGING = _product_staging_dir()
+STAGING, STATE = A.product_dirs()   # the product's defaults (the tests do not override them)
 
 
 # ----------------------------------------------------------------- fixtures
@@ -81,19 +82,24 @@ def cluster(slurm_cluster, envs, conda_site):
 class SlurmAttack(A.Attack):
     """An attack on the Slurm hooks: jobs by sbatch (environments in
     ``--comment``), output from the cluster, a healthy node, an empty
-    staging base (the product's, and the test's own if it moved it)."""
+    staging base (the product's, and the test's own if it moved it) and
+    state folder."""
 
     kind = "slurm"
 
     def __init__(self, cluster, people, envs, site):
         super().__init__(cluster, people, envs, site, hook_log=HOOK_LOG, staging=STAGING,
-                         volatile=[SQUAT, DECOY])
+                         state=STATE, volatile=[SQUAT, DECOY])
         self.infos: dict[str, dict] = {}
 
-    def _send(self, user, script, names, args):
+    def _send(self, user, script, names, args, env=None):
         comment = [f"--comment=conda_env={':'.join(names)}"] if names else []
         t0 = time.time()
-        return self.cluster.submit(user, script, *comment, *args), t0
+        return self.cluster.submit(user, script, *comment, *args, env=env), t0
+
+    def env_args(self, variables):
+        """sbatch exports the submitting environment to the job."""
+        return (), {"env": dict(variables)}
 
     def output(self, jid: str) -> str:
         try:
@@ -118,11 +124,6 @@ class SlurmAttack(A.Attack):
         assert "drain" not in state and "down" not in state, \
             f"node {state}: {self.cluster.node_reason()}"
 
-    def nothing_left(self) -> None:
-        for folder in {STAGING, self.staging}:
-            left = A.listing(folder) if folder.is_dir() else []
-            assert left == [], f"left behind in {folder}: {left[:20]}"
-
     @contextlib.contextmanager
     def staging_on(self, mount: Path):
         self.setting(staging_dir=mount)
@@ -134,17 +135,6 @@ class SlurmAttack(A.Attack):
             if self.cluster.in_queue(jid):
                 self.cluster.cancel(jid)
         self.cluster.ensure_clean(timeout=90)
-
-    def staged_copy(self, out: str, name: str) -> str:
-        """The prefix ``conda activate NAME`` gave in the job: a copy in this
-        job's folder."""
-        vals = A.job_values(out)
-        prefix = vals.get(f"cs_prefix:{name}", "")
-        env = A.job_env(out)
-        job_dir = env.get("CONDA_STAGE_JOB_DIR", "")
-        assert job_dir and prefix == f"{job_dir}/envs/{name}", f"{name} not staged:\n{out}"
-        assert prefix.startswith(f"{STAGING}/"), prefix
-        return prefix
 
 
 @pytest.fixture
@@ -159,11 +149,11 @@ def release(cluster, jid: str) -> None:
     cluster.scontrol("release", jid)
 
 
-def gc_jobs(cluster) -> subprocess.CompletedProcess:
+def gc_jobs(cluster, *more: str) -> subprocess.CompletedProcess:
     """``conda-stage gc --jobs`` as root (the cron job of an admin)."""
     env = {"PATH": SBIN_PATH, "SLURM_CONF": str(cluster.conf_path), "LANG": "C.UTF-8",
            "HOME": "/root"}
-    return subprocess.run([str(Path(sys.prefix) / "bin" / "conda-stage"), "gc", "--jobs"],
+    return subprocess.run([str(Path(sys.prefix) / "bin" / "conda-stage"), "gc", "--jobs", *more],
                           capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -187,7 +177,9 @@ def test_squatted_staging_base_is_refused_and_never_followed(atk, people, envs, 
     victim's home and, for the next one, a folder with a manifest.json whose
     values carry ``export LD_PRELOAD=...`` lines and point CONDA_ENVS_PATH at
     a fake environment with an evil activate script, and a ``tmp`` folder
-    (the site sets TMPDIR to the job folder's).  The victim's jobs run
+    (the site sets TMPDIR to the job folder's); and a node store of its own
+    (``users/<victim's uid>/<id>/<env>`` the fake environment, ``users/<its
+    own uid>`` a symlink to the victim's home).  The victim's jobs run
     unstaged with one line, their TMPDIR is not the attacker's; nothing
     planted is followed, read, written or printed -- by the prolog,
     TaskProlog, epilog or root's ``gc --jobs``."""
@@ -223,6 +215,12 @@ def test_squatted_staging_base_is_refused_and_never_followed(atk, people, envs, 
         "messages": [f"conda-stage: staged {vic.name}\nexport CS_ATTACK_MESSAGE=1"],
     }
     A.write_as(planted / "manifest.json", json.dumps(manifest), attacker)
+    store = A.user_dir(base / "users", attacker, 0o777)
+    A.user_dir(store / str(victim.uid) / "0123456789abcdef", attacker, 0o777)
+    os.symlink(fake, store / str(victim.uid) / "0123456789abcdef" / vic.name)
+    os.symlink(victim.home, store / str(attacker.uid))
+    for p in (store / str(victim.uid) / "0123456789abcdef" / vic.name, store / str(attacker.uid)):
+        A.chown(p, attacker)
     atk.begin(extra=[A.Place(SQUAT), A.Place(fake_envs)])
 
     t0 = time.time()
@@ -238,6 +236,7 @@ def test_squatted_staging_base_is_refused_and_never_followed(atk, people, envs, 
         assert A.attacker_vars(env) == {}, f"job {jid}: attacker's variables reached the " \
                                            f"victim's job: {A.attacker_vars(env)}"
         assert str(fake_envs) not in env.get("CONDA_ENVS_PATH", ""), env.get("CONDA_ENVS_PATH")
+        assert str(SQUAT) not in env.get("CONDA_ENVS_PATH", ""), env.get("CONDA_ENVS_PATH")
         assert not env.get("TMPDIR", "").startswith(str(SQUAT)), \
             f"job {jid}: TMPDIR in the attacker's folder: {env['TMPDIR']}"
         assert not A.job_values(out).get(f"cs_prefix:{vic.name}", "").startswith(str(fake_envs))
@@ -248,6 +247,7 @@ def test_squatted_staging_base_is_refused_and_never_followed(atk, people, envs, 
     A.assert_no_traceback(shown)
     for jid in (jid_home, jid_manifest):
         assert str(base / jid) not in shown, f"gc --jobs listed a planted entry:\n{shown}"
+    assert str(base / "users") not in shown, f"gc --jobs listed the planted store:\n{shown}"
 
 
 def test_symlinked_staging_base_is_never_followed(atk, people, envs):
@@ -318,11 +318,55 @@ def test_base_under_a_user_writable_parent_is_refused_while_swapped(atk, people,
 
 
 def test_job_tampering_with_its_own_job_folder(atk):
-    """During its job the attacker replaces its staged copy by a symlink to
-    a folder of root's, adds symlinks to the victim's home and /etc, a FIFO
-    and a read-only tree (in the job folder's ``tmp``).  The root epilog
-    removes the job folder without following any of it."""
-    A.job_tampering(atk, DECOY, job_dir="$CONDA_STAGE_JOB_DIR", scratch="$d/tmp")
+    """During its job the attacker replaces its shared copy by a symlink to
+    a folder of root's (the real copy moved into the job folder's ``tmp``),
+    adds symlinks to the victim's home and /etc, FIFOs and a read-only
+    tree.  The root epilog removes the job folder and the copy without
+    following any of it."""
+    A.job_tampering(atk, DECOY)
+
+
+# ----------------------------------------------------------------- the node store
+@pytest.mark.parametrize("how", A.STORE_TAMPERING)
+def test_store_tampering_removes_only_the_attackers_things(how, atk):
+    """The attacker's job tampers with its own ``users/<uid>`` while the
+    victim's job holds a copy (see :func:`A.store_tampering`): the epilog
+    follows nothing and removes only the attacker's things."""
+    A.store_tampering(atk, how, DECOY)
+
+
+def test_attacker_cannot_use_or_hold_the_victims_copy(atk):
+    A.victims_copy_by_name(atk)
+
+
+def test_state_folder_is_root_only(atk):
+    A.state_dir_is_root_only(atk)
+
+
+def test_gc_follows_nothing_the_attacker_planted_in_its_store(atk, people, envs):
+    """The site keeps unused copies 300 s: the attacker's job leaves its copy's
+    ``<id>`` folder a symlink to a folder of root's (the real one moved
+    aside in ``users/<uid>``), and the record outlives the job.  The admin's
+    ``gc --jobs --all-unused`` then removes the attacker's folder -- the
+    symlink, not what it points to -- and its record."""
+    attacker = people.attacker
+    one = envs["one"]
+    atk.setting(keep_unused=300)
+    atk.decoy(DECOY, ["sub"])
+    body = f"""s="${{CONDA_ENVS_PATH%%:*}}"
+chmod u+w "$s" && mv "$s" "$(dirname "$s")/moved" && ln -s {DECOY} "$s" && echo cs_swapped=1
+"""
+    atk.begin(extra=[A.Place(DECOY)])
+    jid, out = atk.run(attacker, body, [one.name])
+    assert A.job_values(out).get("cs_swapped") == "1", out
+    kept = A.store_listing(STAGING)
+    assert kept == [f"users/{attacker.uid}"], kept    # kept for its next job
+    gc = gc_jobs(atk.cluster, "--all-unused")
+    A.assert_no_traceback(gc.stdout + gc.stderr)
+    assert gc.returncode == 0, gc.stderr
+    atk.verify()
+    assert (DECOY / "sub" / "precious").is_file()
+    atk.completed(jid)
 
 
 # ----------------------------------------------------------------- blocking

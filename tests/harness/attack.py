@@ -24,14 +24,23 @@ against the root hooks, and checks *effects*, not messages alone:
   (:func:`small_tmpfs`);
 * parsing what a job printed (:func:`job_values`, :func:`job_env`,
   :func:`stage_lines`, :func:`one_line`);
+* the node store (``<staging_dir>/users/<uid>/<id>/<name>``, records in
+  ``<state_dir>/users``): :func:`store_listing` (what is left but the
+  ``users`` folders that stay), :func:`copy_pattern`, :func:`read_record`,
+  :func:`force_remove` (no recursion: a deep tree an attack planted);
 * :class:`Attack` -- one test's attack, everything that does not depend on
   the scheduler (site settings for the test, snapshots, submission timing
-  against the prolog budget, the effect checks, cleanup); each test module
-  subclasses it for its scheduler (submission, output, waiting, health);
+  against the prolog budget, the effect checks -- one staged-copy check and
+  one 'nothing left' check for both schedulers, which share the store
+  layout --, cleanup); each test module subclasses it for its scheduler
+  (submission, output, waiting, health);
 * the attacks both suites run (:func:`fifo_instead_of_a_user_file`,
   :func:`memory_bomb`, ... down to :func:`submit_to_hold`) with their
   parameters (:data:`FIFO_PLACES`, :data:`BOMBS`, :data:`SHORT_OF`): each
-  module's test of the same name calls them with its :class:`Attack`.
+  module's test of the same name calls them with its :class:`Attack`; the
+  attacks on the node store (:func:`store_tampering` with
+  :data:`STORE_TAMPERING`, :func:`victims_copy_by_name`,
+  :func:`state_dir_is_root_only`).
 
 PYTEST_DONT_REWRITE is not set: the test modules register this module for
 assertion rewriting before importing it.
@@ -760,9 +769,19 @@ def listing(folder: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------- job output
-JOB_HEAD = 'echo "cs_start=$(date +%s.%N)"\n'
+JOB_HEAD = ('echo "cs_start=$(date +%s.%N)"\n'
+            'cs_task="${SGE_TASK_ID:-undefined}"; [ "$cs_task" = undefined ] && cs_task=\n'
+            'echo "cs_key=${SLURM_JOB_ID:-$JOB_ID}${cs_task:+.$cs_task}"\n'
+            'echo "cs_uid=$(id -u)"\n')
+# cs_copies: the names in the job folder's envs/ (private copies, SGE
+# job-owner prologs) and every copy in the user's own folder of the node
+# store (the product's, @STORE@, and the one next to the job folder) --
+# whatever CONDA_ENVS_PATH says.
 JOB_TAIL = ('job_dir="${CONDA_STAGE_JOB_DIR:-${TMPDIR:-/nonexistent}/conda-stage}"\n'
-            'echo "cs_copies=$(ls -A "$job_dir/envs" 2>/dev/null | tr "\\n" " ")"\n'
+            'echo "cs_copies=$( (ls -A "$job_dir/envs"; '
+            'for st in "@STORE@/$(id -u)" "$(dirname "$job_dir")/users/$(id -u)"; do '
+            'for f in "$st"/*/; do [ -d "$f" ] && ls -A "$f"; done; done) 2>/dev/null '
+            '| tr "\\n" " ")"\n'
             'echo "cs_env=$(env -0 | base64 -w0)"\n')
 
 
@@ -854,6 +873,94 @@ def sleep_until(cond: Callable[[], bool], timeout: float, interval: float = 0.2)
 
 
 
+# ----------------------------------------------------------------- the node store
+USERS = "users"
+COPY_ID = r"[0-9a-f]{16}"
+
+
+def product_dirs() -> tuple[Path, Path]:
+    """The product's default staging and state folders (the attack suites
+    do not override them)."""
+    from conda_stage.config import Config
+
+    config = Config()
+    return Path(config.staging_dir), Path(config.state_dir)
+
+
+def store_listing(folder: Path) -> list[str]:
+    """Everything under ``folder`` (relative paths) but its ``users``
+    folder of the node store while that is empty (it is made once and
+    stays); without descending (an attack may have planted a deep tree)."""
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        return []
+    out = []
+    for name in sorted(os.listdir(folder)):
+        p = os.path.join(folder, name)
+        if name == USERS and os.path.isdir(p) and not os.path.islink(p):
+            out += [f"{USERS}/{n}" for n in sorted(os.listdir(p))]
+        else:
+            out.append(name)
+    return out
+
+
+def copy_pattern(staging: Path, uid: int, name: str) -> str:
+    """A shared copy of ``uid``'s ``name``: ``<staging>/users/<uid>/<id>/<name>``."""
+    return rf"{re.escape(str(staging))}/{USERS}/{uid}/{COPY_ID}/{re.escape(name)}"
+
+
+def record_path(state: Path, copy: str) -> Path:
+    """Root's record of the shared copy at ``copy`` (``.../users/<uid>/<id>/<name>``)."""
+    cid = Path(copy).parent.name
+    uid = Path(copy).parent.parent.name
+    return state / USERS / uid / f"{cid}.json"
+
+
+def read_record(state: Path, copy: str) -> dict:
+    """The record of ``copy``, checked to be root's (0644, a regular file)."""
+    path = record_path(state, copy)
+    st = os.lstat(path)
+    assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o644, \
+        f"{path}: not root's 0644 file: {st}"
+    return json.loads(path.read_text())
+
+
+def force_remove(path: Path) -> None:
+    """Remove ``path`` whatever it is, without recursion (GNU rm) and
+    without following symlinks."""
+    if os.path.lexists(path):
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=False,
+                       timeout=300, capture_output=True)
+
+
+def mode_owner(path: Path) -> tuple[int, int, int]:
+    """(file type, owner uid, permission bits) of ``path`` itself."""
+    st = os.lstat(path)
+    return stat.S_IFMT(st.st_mode), st.st_uid, stat.S_IMODE(st.st_mode)
+
+
+class Flag:
+    """A file the test makes to let a waiting job go on (root's folder,
+    readable by all; jobs poll for it)."""
+
+    def __init__(self, tag: str):
+        ATTACK_BASE.mkdir(parents=True, exist_ok=True)
+        os.chmod(ATTACK_BASE, 0o755)
+        self.path = ATTACK_BASE / f"go-{tag}-{os.getpid()}-{time.monotonic_ns()}"
+        self.path.unlink(missing_ok=True)
+
+    def wait_line(self, seconds: int = 150) -> str:
+        """Shell lines: wait until the flag exists (at most ``seconds``)."""
+        return (f'i=0; while [ ! -e "{self.path}" ] && [ $i -lt {seconds * 5} ]; do '
+                f"sleep 0.2; i=$((i+1)); done\n")
+
+    def set(self) -> None:
+        self.path.touch()
+        os.chmod(self.path, 0o644)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 # ----------------------------------------------------------------- the attack
 BUDGET = 20   # the prolog budget (seconds) of the attack suites' site file
 
@@ -862,13 +969,16 @@ BUDGET = 20   # the prolog budget (seconds) of the attack suites' site file
 def hook_site(site, hook_log: Path):
     """The site file of an attack suite for the ``with`` block: the hooks log
     to ``hook_log`` (emptied first), not to syslog, use the test conda and
-    the prolog budget :data:`BUDGET`.  Yields the site file's handle."""
+    the prolog budget :data:`BUDGET`, and keep no unused shared copy
+    (``keep_unused=0``: each job's end removes the copies nobody else holds,
+    so that every test can check that nothing is left).  Yields the site
+    file's handle."""
     from .sitecfg import site_defaults
 
     hook_log.unlink(missing_ok=True)
     hook_log.touch()
     with site_defaults(log_file=hook_log, syslog="no", conda_root=site.root_prefix,
-                       prolog_budget=BUDGET) as defaults:
+                       prolog_budget=BUDGET, keep_unused=0) as defaults:
         yield defaults
 
 
@@ -890,9 +1000,11 @@ class Attack:
     prelude = ""       # job script lines after the start time
 
     def __init__(self, cluster, people: Cast, envs: dict, site, *, hook_log: Path,
-                 staging: Path, volatile: Iterable[Path] = ()):
+                 staging: Path, state: Path, volatile: Iterable[Path] = ()):
         self.cluster, self.people, self.envs, self.site = cluster, people, envs, site
         self.hook_log = hook_log
+        self.store_staging = staging              # the product's staging folder (the store)
+        self.state = state                        # the product's state folder
         self.staging = staging                    # the staging area (its parent is watched)
         self.volatile = [hook_log, *volatile]     # test-base entries that may change
         self.proof = Proof()
@@ -953,7 +1065,8 @@ class Attack:
     def submit(self, user: User, body: str = "", names=(), *args: str, **how) -> str:
         """Submit ``body`` as ``user``'s job requesting the environments
         ``names`` (``args``: more submission arguments)."""
-        script = "#!/bin/bash\n" + self.directives + JOB_HEAD + self.prelude + body + JOB_TAIL
+        tail = JOB_TAIL.replace("@STORE@", f"{self.store_staging}/{USERS}")
+        script = "#!/bin/bash\n" + self.directives + JOB_HEAD + self.prelude + body + tail
         jid, t0 = self._send(user, script, list(names), args, **how)
         self.jobs.append(jid)
         self.submitted[jid] = t0
@@ -1010,8 +1123,68 @@ class Attack:
         finally:
             for saved in self.saved.values():
                 restore_env_files(saved)
+            self.scrub()
         if errors:
             raise errors[0]
+
+    def scrub(self) -> None:
+        """After the test (its checks already made): remove what a failing
+        product left in the store, the job folders and the state folder, so
+        that the next test starts clean (the empty ``users`` folders stay)."""
+        for folder in {self.store_staging, self.staging, self.state}:
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            for name in store_listing(folder):
+                if name.split("/")[0] == USERS or re.fullmatch(r"\d+(\.\d+)?(\.json|\.told)?",
+                                                               name):
+                    force_remove(folder / name)
+
+    def store_left(self) -> list[str]:
+        """What is left in the staging and state folders (the store's empty
+        ``users`` folders aside)."""
+        left = []
+        for folder in {self.store_staging, self.staging, self.state}:
+            left += [f"{folder}/{n}" for n in store_listing(folder)]
+        return left
+
+    def assert_store_modes(self) -> None:
+        """The store's folders as the product makes them: ``users`` of the
+        staging folder root 0755, of the state folder root 0711."""
+        for folder, mode in ((self.store_staging, 0o755), (self.state, 0o711)):
+            top = folder / USERS
+            if os.path.lexists(top):
+                assert mode_owner(top) == (stat.S_IFDIR, 0, mode), (top, mode_owner(top))
+
+    def env_args(self, variables: dict) -> tuple[tuple, dict]:
+        """Submission arguments and keywords putting ``variables`` into the
+        job's environment."""
+        raise NotImplementedError
+
+    def nothing_left(self) -> None:
+        """Assert nothing staged is left: no job folder, no copy, no record,
+        no lock, no manifest (the empty ``users`` folders stay)."""
+        left = self.store_left()
+        assert left == [], f"left behind: {left[:20]}"
+        self.assert_store_modes()
+
+    def staged_copy(self, out: str, name: str) -> str:
+        """Assert ``conda activate NAME`` in the job gave a shared copy in
+        the job user's own folder of the node store, that the copy's folder
+        leads CONDA_ENVS_PATH, and that CONDA_STAGE_JOB_DIR is the job's
+        folder; the copy's prefix."""
+        vals = job_values(out)
+        prefix = vals.get(f"cs_prefix:{name}", "")
+        env = job_env(out)
+        assert re.fullmatch(copy_pattern(self.store_staging, int(vals["cs_uid"]), name), prefix), \
+            f"{name} not staged into the node store:\n{out}"
+        first = [p for p in env.get("CONDA_ENVS_PATH", "").split(":")
+                 if p.startswith(f"{self.store_staging}/{USERS}/")]
+        assert os.path.dirname(prefix) in first, env.get("CONDA_ENVS_PATH")
+        assert env.get("CONDA_ENVS_PATH", "").startswith(first[0]), env.get("CONDA_ENVS_PATH")
+        assert env.get("CONDA_STAGE_JOB_DIR") == f"{self.store_staging}/{vals['cs_key']}", \
+            (env.get("CONDA_STAGE_JOB_DIR"), vals["cs_key"])
+        assert name in vals.get("cs_copies", "").split(), out
+        return prefix
 
     # -------------------------------------------------------- per scheduler
     def _send(self, user: User, script: str, names: list[str], args, **how) -> tuple[str, float]:
@@ -1038,21 +1211,12 @@ class Attack:
         """Assert the node / queue took no harm."""
         raise NotImplementedError
 
-    def nothing_left(self) -> None:
-        """Assert nothing staged is left in the staging area."""
-        raise NotImplementedError
-
     def staging_on(self, mount: Path):
         """A context manager: the staging area on the filesystem ``mount``."""
         raise NotImplementedError
 
     def clear_jobs(self) -> None:
         """Remove the test's jobs still queued; wait for the node / queue."""
-        raise NotImplementedError
-
-    def staged_copy(self, out: str, name: str) -> str:
-        """Assert ``conda activate NAME`` in the job gave the hooks' copy;
-        its prefix."""
         raise NotImplementedError
 
 
@@ -1070,30 +1234,271 @@ SHORT_OF = ["bytes", "inodes"]
 FORGED = "1999-01-01T00:00:00 node conda-stage[1] INFO: {kind} job 1 (root): cs-attack forged"
 
 
-def job_tampering(atk: Attack, decoy: Path, job_dir: str, scratch: str) -> None:
-    """During its job the attacker replaces its staged copy by a symlink to
-    a folder of root's (``decoy``), adds symlinks to the victim's home and
-    /etc, a FIFO and a read-only tree.  The root epilog removes the copies
-    without following any of it.  ``job_dir``: the job's folder of copies
-    (a shell word), ``scratch``: a folder of the job's inside it."""
-    victim = atk.people.victim
+def job_tampering(atk: Attack, decoy: Path) -> None:
+    """During its job the attacker replaces its shared copy (in its own
+    folder of the node store, ``users/<uid>/<id>/<name>``) by a symlink to a
+    folder of root's (``decoy``), moving the real copy into the job folder's
+    ``tmp/`` and leaving a process running from it; adds symlinks to the
+    victim's home and /etc (next to the copy, in the job folder's ``envs/``
+    and ``tmp/``), FIFOs and a read-only tree.  The root epilog removes the
+    job folder and the copy without following any of it."""
+    victim, attacker = atk.people.victim, atk.people.attacker
     one = atk.envs["one"]
     atk.decoy(decoy, ["sub"])
-    body = f"""d="{job_dir}"
-echo "cs_job_dir=$d"
-chmod u+w "$d" "$d/envs" 2>/dev/null; chmod -R u+w "$d/envs/{one.name}"
-mv "$d/envs/{one.name}" "{scratch}/moved" && ln -s {decoy} "$d/envs/{one.name}" && echo cs_swapped=1
-ln -s {victim.home} "$d/envs/home"; ln -s /etc "{scratch}/etc"; ln -s {decoy}/sub "{scratch}/sub"
-mkfifo "{scratch}/fifo"
-mkdir -p "{scratch}/ro/a/b" && touch "{scratch}/ro/a/b/f" && chmod -R a-w "{scratch}/ro"
-(cd "{scratch}/moved" && setsid sleep 300 >/dev/null 2>&1 &)
+    body = f"""d="$CONDA_STAGE_JOB_DIR"; s="${{CONDA_ENVS_PATH%%:*}}"
+echo "cs_job_dir=$d"; echo "cs_store_dir=$s"
+chmod u+w "$s"; chmod -R u+w "$s/{one.name}"
+mv "$s/{one.name}" "$d/tmp/moved" && ln -s {decoy} "$s/{one.name}" && echo cs_swapped=1
+ln -s {victim.home} "$s/home"; ln -s {victim.home} "$d/envs/home"
+ln -s /etc "$d/tmp/etc"; ln -s {decoy}/sub "$d/tmp/sub"
+mkfifo "$d/tmp/fifo" "$s/fifo"
+mkdir -p "$d/tmp/ro/a/b" && touch "$d/tmp/ro/a/b/f" && chmod -R a-w "$d/tmp/ro"
+(cd "$d/tmp/moved" && setsid sleep 300 >/dev/null 2>&1 &)
 """
     atk.begin(extra=[Place(decoy)])
 
-    jid, out = atk.run(atk.people.attacker, body, [one.name])
+    jid, out = atk.run(attacker, body, [one.name])
     atk.verify()
-    assert job_values(out).get("cs_swapped") == "1", f"the job could not tamper:\n{out}"
+    vals = job_values(out)
+    assert vals.get("cs_swapped") == "1", f"the job could not tamper:\n{out}"
+    assert re.fullmatch(copy_pattern(atk.store_staging, attacker.uid, one.name),
+                        vals.get("cs_store_dir", "") + f"/{one.name}"), out
+    assert vals.get("cs_job_dir") == f"{atk.store_staging}/{vals['cs_key']}", out
     atk.completed(jid)
+
+
+# ----------------------------------------------------------------- the node store
+STORE_TAMPERING = ["id_to_decoy", "id_to_etc", "copy_to_victims", "plants", "deep_tree"]
+DEEP = 1500   # levels of the planted deep tree (beyond Python's recursion limit; < PATH_MAX)
+
+
+def _victim_holding(atk: Attack, flag: Flag) -> tuple[str, str]:
+    """The victim's job, started first: stages ``vic`` (a shared copy it
+    holds), prints where, waits for ``flag``, then runs the copy's program.
+    Its id and the copy's prefix."""
+    vic = atk.envs["vic"]
+    init = atk.site.init_file
+    body = (activate_lines(init, [vic.name]) + 'echo "cs_vic_waiting=1"\n' + flag.wait_line()
+            + f". {init}\nconda activate {vic.name} && prefix-probe >/dev/null && "
+              f'echo "cs_vic_ok=$CONDA_PREFIX"\n')
+    jid = atk.submit(atk.people.victim, body, [vic.name])
+    atk.started_within_budget(jid)
+    assert sleep_until(lambda: "cs_vic_waiting=1" in atk.output(jid), 60), atk.describe(jid)
+    copy = job_values(atk.output(jid)).get(f"cs_prefix:{vic.name}", "")
+    assert re.fullmatch(copy_pattern(atk.store_staging, atk.people.victim.uid, vic.name), copy), \
+        f"the victim's {vic.name} not staged:\n{atk.output(jid)}"
+    return jid, copy
+
+
+def _victim_done(atk: Attack, jid: str, copy: str, flag: Flag, snapshot: dict,
+                 holders: set) -> None:
+    """While the victim's job still runs: its copy exactly as before and held
+    by its job alone; then let it go on: its copy still works."""
+    vic_place = Place(Path(copy).parent)
+    assert vic_place.state() == snapshot, "the victim's copy changed during the attack"
+    assert set(read_record(atk.state, copy)["holders"]) == holders, read_record(atk.state, copy)
+    flag.set()
+    out = atk.finish(jid)
+    atk.completed(jid)
+    assert job_values(out).get("cs_vic_ok") == copy, f"the victim's copy broke:\n{out}"
+    assert atk.staged_copy(out, atk.envs["vic"].name) == copy
+    key = job_values(out)["cs_key"]
+    left = [str(p) for p in (atk.store_staging / key, atk.state / f"{key}.json",
+                             Path(copy).parent) if os.path.lexists(p)]
+    assert left == [], f"the victim's epilog did not finish after the attack: {left}"
+
+
+def store_tampering(atk: Attack, how: str, decoy: Path) -> None:
+    """While a victim's job holds its shared copy, the attacker's job tampers
+    with its own part of the node store (``users/<uid>``, the user's own):
+    ``id_to_decoy``: its copy's ``<id>`` folder becomes a symlink to a folder
+    of root's (the real one moved into the job folder); ``id_to_etc``: a
+    symlink to /etc (the real one moved aside in ``users/<uid>``);
+    ``copy_to_victims``: the copy becomes a symlink to the victim's copy,
+    and an entry named like a copy id a symlink to the victim's copy folder;
+    ``plants``: FIFOs (one named like a copy id), a file named like a
+    record, symlinks to /etc and the victim's home named like copy ids, a
+    read-only tree and extra entries in the copy's folder; ``deep_tree``: a
+    tree ``DEEP`` levels deep in ``users/<uid>`` and in the copy's folder.
+    The root epilog (and ``gc``) remove exactly the attacker's things,
+    follow nothing: the decoy, /etc, the victim's copy and its record are
+    untouched, the victim's job keeps its copy, nothing is left."""
+    attacker, victim = atk.people.attacker, atk.people.victim
+    one = atk.envs["one"]
+    atk.decoy(decoy, ["sub"])
+    flag = Flag("victim")
+    atk.cleanups.append(flag.remove)
+    atk.begin(extra=[Place(decoy)])
+    vjid, vcopy = _victim_holding(atk, flag)
+    snapshot = Place(Path(vcopy).parent).state()
+    holders = set(read_record(atk.state, vcopy)["holders"])
+    assert holders == {f"{atk.kind}:{vjid}"}, holders
+
+    fake = "0123456789abcdef"
+    head = f"""s="${{CONDA_ENVS_PATH%%:*}}"; u="$(dirname "$s")"; n={one.name}
+echo "cs_store_dir=$s"
+chmod u+w "$s" && chmod -R u+w "$s/$n"
+"""
+    body = {
+        "id_to_decoy": f"""mv "$s" "$CONDA_STAGE_JOB_DIR/tmp/moved" && ln -s {decoy} "$s" &&
+echo cs_swapped=1
+(cd "$CONDA_STAGE_JOB_DIR/tmp/moved" && setsid sleep 300 >/dev/null 2>&1 &)
+""",
+        "id_to_etc": f"""mv "$s" "$u/moved-away" && ln -s /etc "$s" && echo cs_swapped=1
+ln -s /etc "$u/moved-away/$n.etc"
+""",
+        "copy_to_victims": f"""mv "$s/$n" "$s/.$n.old" && ln -s {vcopy} "$s/$n" && echo cs_swapped=1
+ln -s {Path(vcopy).parent} "$u/{fake}"; ln -s {vcopy} "$u/{Path(vcopy).parent.name}"
+""",
+        "plants": f"""mkfifo "$u/{fake}" "$u/fifo" "$s/fifo" && echo cs_swapped=1
+echo '{{"id": "{fake}"}}' > "$u/{fake}.json"
+ln -s /etc "$u/fedcba9876543210"; ln -s {victim.home} "$u/aaaaaaaaaaaaaaaa"
+ln -s /etc "$s/etc"; ln -s {victim.home} "$s/home"; touch "$s/extra" "$s/$n/extra"
+mkdir -p "$u/ro/a/b" "$s/ro/a/b" && touch "$u/ro/a/b/f" "$s/ro/a/b/f" &&
+chmod -R a-w "$u/ro" "$s/ro"
+""",
+        "deep_tree": f"""deep="$(printf 'd/%.0s' $(seq {DEEP}))"
+mkdir -p "$u/x/$deep" "$s/x/$deep" && (cd "$u/x/$deep" && touch f) && echo cs_swapped=1
+""",
+    }[how]
+    jid, out = atk.run(attacker, head + body, [one.name])
+    try:
+        atk.completed(jid)
+        assert job_values(out).get("cs_swapped") == "1", f"the job could not tamper:\n{out}"
+        assert re.fullmatch(copy_pattern(atk.store_staging, attacker.uid, one.name),
+                            job_values(out).get("cs_store_dir", "") + f"/{one.name}"), out
+        _victim_done(atk, vjid, vcopy, flag, snapshot, holders)
+    finally:
+        flag.set()
+    atk.verify()
+
+
+def victims_copy_by_name(atk: Attack) -> None:
+    """While the victim's job holds its shared copy, the attacker's job asks
+    for the victim's environment by its name, with CONDA_ENVS_PATH naming
+    the victim's copy folder and the victim's own envs folder first; in the
+    job it tries to list the victim's part of the store and to activate the
+    victim's copy by path.  The attacker's job neither uses nor holds the
+    victim's copy: the victim's record names the victim's job alone
+    (checked while the attacker's job runs and after), any copy the
+    attacker got is in its own folder, the victim's copy is unchanged and
+    the victim's job keeps it."""
+    attacker = atk.people.attacker
+    vic = atk.envs["vic"]
+    init = atk.site.init_file
+    flag, go = Flag("victim"), Flag("attacker")
+    atk.cleanups += [flag.remove, go.remove]
+    atk.begin()
+    vjid, vcopy = _victim_holding(atk, flag)
+    vfolder = Path(vcopy).parent
+    snapshot = Place(vfolder).state()
+    holders = set(read_record(atk.state, vcopy)["holders"])
+    assert holders == {f"{atk.kind}:{vjid}"}, holders
+
+    body = (activate_lines(init, [vic.name])
+            + f'ls -A "{vfolder.parent}" >/dev/null 2>&1 && echo cs_peek=1\n'
+            + f'ls -A "{vfolder}" >/dev/null 2>&1 && echo cs_peek=1\n'
+            + f'(. {init}; conda activate "{vcopy}" >/dev/null 2>&1 && '
+              f'prefix-probe >/dev/null 2>&1 && echo cs_used_victims=1)\n'
+            + 'echo "cs_waiting=1"\n' + go.wait_line())
+    args, how = atk.env_args({"CONDA_ENVS_PATH": f"{vfolder}:{vic.prefix.parent}"})
+    jid = atk.submit(attacker, body, [vic.name], *args, **how)
+    try:
+        atk.started_within_budget(jid)
+        assert sleep_until(lambda: "cs_waiting=1" in atk.output(jid), 60), atk.describe(jid)
+        # While the attacker's job runs (after its prolog): the victim's copy held by its job alone.
+        assert set(read_record(atk.state, vcopy)["holders"]) == holders
+        mine = atk.state / USERS / str(attacker.uid)
+        for rec in sorted(mine.glob("*.json")) if mine.is_dir() else []:
+            assert not json.loads(rec.read_text())["path"].startswith(f"{vfolder}"), rec
+    finally:
+        go.set()
+    out = atk.finish(jid)
+    atk.completed(jid)
+    vals = job_values(out)
+    assert "cs_peek" not in vals and "cs_used_victims" not in vals, out
+    got = vals.get(f"cs_prefix:{vic.name}", "")
+    # (conda may activate the victim's world-readable original by name: not a copy)
+    assert not got.startswith(f"{atk.store_staging}/{USERS}/{atk.people.victim.uid}/"), out
+    if got.startswith(f"{atk.store_staging}/"):   # then a copy of the attacker's own
+        assert re.fullmatch(copy_pattern(atk.store_staging, attacker.uid, vic.name), got), out
+    one_line(out, vic.name)
+    try:
+        _victim_done(atk, vjid, vcopy, flag, snapshot, holders)
+    finally:
+        flag.set()
+    atk.verify()
+
+
+STATE_PLANTS = {
+    # what the attacker's job tries in the state folder (``S``), as shell
+    "list_users": 'ls -A "$S/users"',
+    "lock_replace": 'ln -sf /etc/shadow "$S/users/$U.lock"',
+    "lock_open": 'exec 9<"$S/users/$U.lock" && flock -n 9',
+    "lock_new": 'touch "$S/users/$U.lock.new"',
+    "records_dir": 'mkdir -p "$S/users/$U" && touch "$S/users/$U/cs-attack.json"',
+    "record_new": 'cp "$R" "$S/users/$U/0123456789abcdef.json"',
+    "record_edit": 'echo "{}" >> "$R"',
+    "record_replace": 'ln -sf /etc/passwd "$R"',
+    "record_chmod": 'chmod 666 "$R"',
+    "victim_records": 'ls -A "$S/users/$V"',
+    "manifest": 'echo "{}" >> "$S/$K.json"',
+    "manifest_new": 'touch "$S/cs-attack.json"',
+}
+
+
+def state_dir_is_root_only(atk: Attack) -> None:
+    """The attacker's job (holding its shared copy) tries to plant or edit
+    its copy's record, its lock and its manifest in the state folder, to
+    make a records folder for itself, to hold its lock, to list other
+    users' records; and puts a fake record and a fake copy folder into its
+    own part of the staging store.  Every attempt in the state folder fails,
+    its modes are root's (``users`` 0711, lock 0600, record 0644) while the
+    job runs, and the epilog removes everything, fake things included."""
+    attacker, victim = atk.people.attacker, atk.people.victim
+    one = atk.envs["one"]
+    go = Flag("attacker")
+    atk.cleanups.append(go.remove)
+    tries = "\n".join(f'( {cmd} ) >/dev/null 2>&1 && echo "cs_plant_{name}=1"'
+                       for name, cmd in STATE_PLANTS.items())
+    fake = "0123456789abcdef"
+    body = f"""S="{atk.state}"; U=$(id -u); V={victim.uid}
+K=$(basename "$CONDA_STAGE_JOB_DIR")
+s="${{CONDA_ENVS_PATH%%:*}}"; u="$(dirname "$s")"
+R="$S/users/$U/$(basename "$s").json"
+echo "cs_store_dir=$s"
+{tries}
+mkdir -p "$u/{fake}/{one.name}/conda-meta" && echo '{{"id": "{fake}"}}' > "$u/{fake}.json"
+cp "$R" "$u/$(basename "$s").json" 2>/dev/null
+echo "cs_waiting=1"
+{go.wait_line()}"""
+    atk.begin()
+    jid = atk.submit(attacker, body, [one.name])
+    try:
+        atk.started_within_budget(jid)
+        assert sleep_until(lambda: "cs_waiting=1" in atk.output(jid), 60), atk.describe(jid)
+        copy = job_values(atk.output(jid))["cs_store_dir"] + f"/{one.name}"
+        assert re.fullmatch(copy_pattern(atk.store_staging, attacker.uid, one.name), copy)
+        users = atk.state / USERS
+        assert mode_owner(users) == (stat.S_IFDIR, 0, 0o711)
+        folder = mode_owner(users / str(attacker.uid))
+        assert folder[:2] == (stat.S_IFDIR, 0) and not folder[2] & 0o022, folder
+        assert mode_owner(users / f"{attacker.uid}.lock") == (stat.S_IFREG, 0, 0o600)
+        assert set(read_record(atk.state, copy)["holders"]) == {f"{atk.kind}:{jid}"}
+        assert [p.name for p in (users / str(attacker.uid)).iterdir()] == \
+            [record_path(atk.state, copy).name]
+        assert not (atk.state / "cs-attack.json").exists()
+        st = mode_owner(atk.store_staging / USERS / str(attacker.uid))
+        assert st == (stat.S_IFDIR, attacker.uid, 0o700), st
+        assert mode_owner(Path(copy).parent)[1:] == (attacker.uid, 0o555), mode_owner(
+            Path(copy).parent)
+    finally:
+        go.set()
+    out = atk.finish(jid)
+    atk.verify()
+    atk.completed(jid)
+    planted = sorted(k for k in job_values(out) if k.startswith("cs_plant_"))
+    assert planted == [], f"the attacker's job could write in the state folder: {planted}\n{out}"
 
 
 def fifo_instead_of_a_user_file(atk: Attack, where: str) -> None:
@@ -1262,7 +1667,7 @@ def staging_filesystem_too_small(atk: Attack, short: str, mount: Path) -> None:
         atk.begin()
         jid, out = atk.run(attacker, "", [one.name])
         atk.verify()
-        assert listing(mount) == [], listing(mount)
+        assert store_listing(mount) == [], store_listing(mount)
         atk.completed(jid)
         one_line(out, one.name)
         unstaged(out, one.name)
