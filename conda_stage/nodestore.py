@@ -235,16 +235,31 @@ class NodeStore:
         """``uid``'s copy records.  Root lists them; the user, who may not
         list the records folder (nobody else may either), reads the records
         of the copies in their own store folder, by name."""
+        if os.geteuid() != 0:
+            return self._own_records(uid)
         try:
             with self._fd(self.state_dir, USERS, str(int(uid))) as fd:
-                if os.geteuid() == 0:
-                    names = sorted(n for n in os.listdir(fd) if n.endswith(".json"))
-                else:
-                    names = [f"{cid}.json" for cid in sorted(
-                        os.listdir(self.user_folder(uid))) if valid_id(cid)]
+                names = sorted(n for n in os.listdir(fd) if n.endswith(".json"))
                 return [r for r in (_load(fd, n) for n in names) if r is not None]
         except (UnsafeBase, OSError):
             return []
+
+    def _own_records(self, uid: int) -> list[Record]:
+        """(the user) Their records, by the ids in their own store folder,
+        through a records folder they may search but not read (O_PATH)."""
+        try:
+            ids = sorted(c for c in os.listdir(self.user_folder(uid)) if valid_id(c))
+            fd = os.open(os.path.join(self.state_dir, USERS, str(int(uid))),
+                         os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return []
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != 0 or st.st_mode & 0o022:
+                return []
+            return [r for r in (_load(fd, f"{c}.json") for c in ids) if r is not None]
+        finally:
+            os.close(fd)
 
 
 class UserStore:
@@ -293,16 +308,22 @@ class UserStore:
             pass
 
     def copy_exists(self, cid: str, name: str) -> bool:
+        """Whether ``<cid>/<name>`` is there -- listed, not entered: a
+        mounted image is the user's FUSE mount, which root may not stat."""
         try:
             with self.store._fd(self.store.staging_dir, USERS) as users:
                 user = _open_dir(str(self.uid), users, str(self.store.user_folder(self.uid)))
                 try:
-                    st = os.stat(f"{cid}/{name}", dir_fd=user, follow_symlinks=False)
+                    folder = os.open(cid, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                     | os.O_CLOEXEC, dir_fd=user)
                 finally:
                     os.close(user)
+                try:
+                    return name in os.listdir(folder)
+                finally:
+                    os.close(folder)
         except (OSError, StageError):
             return False
-        return stat.S_ISDIR(st.st_mode)
 
     # ---------------------------------------------------------- holders
     def hold(self, cid: str, who: str, *, name: str, original: str, size=(0, 0)) -> Record:

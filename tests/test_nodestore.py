@@ -223,3 +223,33 @@ def test_doctor_reports_the_store_and_a_missing_gc_timer(store, tmp_path):
     assert "warn  no conda-stage-gc.timer and no cron line" in text
     site.write_text(site.read_text() + "CONDA_STAGE_SHARE_COPIES=no\n")
     assert "shared copies are off" in "\n".join(run(str(site)).lines)
+
+
+def _records_as_user(staging, state, uid):
+    return [r.id for r in NodeStore(staging, state).records(uid)]
+
+
+def test_a_user_reads_their_own_records_but_cannot_list_anyones():
+    import shutil
+    import tempfile
+
+    from conda_stage.privileges import Account, run_as
+
+    base = Path(tempfile.mkdtemp(prefix="cs-nodestore-", dir="/var/tmp"))
+    try:
+        base.chmod(0o755)
+        store = NodeStore(str(base / "jobs"), str(base / "state"))
+        with store.locked(NOBODY) as mine:
+            store.prepare_user(NOBODY, NOBODY)
+            copy = store.user_folder(NOBODY) / "00000000000000ab" / "env"
+            copy.mkdir(parents=True)
+            os.chown(copy.parent, NOBODY, NOBODY)
+            mine.hold("00000000000000ab", "slurm:5", name="env", original="/e")
+        records = Path(store.state_dir) / "users" / str(NOBODY)
+        assert records.stat().st_mode & 0o777 == 0o711
+        nobody = Account("nobody", NOBODY, NOBODY, "/", (NOBODY,))
+        assert run_as(nobody, _records_as_user, store.staging_dir, store.state_dir,
+                      NOBODY) == ["00000000000000ab"]
+        assert run_as(nobody, os.access, str(records), os.R_OK) is False  # not listable
+    finally:
+        shutil.rmtree(base)
