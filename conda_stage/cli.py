@@ -79,7 +79,7 @@ class CondaStage(_App):
     PROGNAME = "conda-stage"
     VERSION = __version__
     USAGE = ("    conda-stage --auto-stage=enable|disable [ENV]\n"
-             "    conda-stage --pack [--force] [--format tar.zst|tar.gz] [ENV]\n"
+             "    conda-stage --pack [--force] [--format tar.zst|tar.gz] [--image] [ENV]\n"
              "    conda-stage --stage [--writable] [--path DIR] [ENV]\n"
              "    conda-stage --unstage [--force] [STAGED_PREFIX]\n"
              "    conda-stage status [ENV] | --node [--json]\n"
@@ -106,6 +106,10 @@ class CondaStage(_App):
     path = cli.SwitchAttr("--path", str, default=None, argname="DIR",
                           help="With --stage: stage into exactly DIR, which must not exist "
                                "(default: a new conda-stage-XXXXXXXX folder in $TMPDIR)")
+    image = cli.Flag("--image", requires=["--pack"],
+                     help="With --pack: also build the squashfs image that scheduler hooks "
+                          "mount instead of extracting (CONDA_STAGE_STAGE_MODE=auto|image); "
+                          "needs mksquashfs")
     ignore_missing = cli.Flag("--ignore-missing-files",
                               help="Pack even if files conda installed were deleted")
     owner_pid = cli.SwitchAttr("--owner-pid", int, default=None, argname="PID",
@@ -134,8 +138,14 @@ class CondaStage(_App):
         if self.do_pack:
             from .pack import pack
 
-            pack(resolve(env), fmt=self.fmt, force=self.force,
+            target = resolve(env)
+            pack(target, fmt=self.fmt, force=self.force,
                  ignore_missing_files=self.ignore_missing)
+            if self.image:
+                from .config import Config
+                from .image import build
+
+                build(target, staging_dir=Config.load().staging_dir)
             return 0
         if self.do_stage:
             return self._stage(env)

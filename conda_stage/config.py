@@ -64,6 +64,14 @@ class Config:
     # Unused copies may take at most this share of the staging filesystem;
     # beyond it the least recently used go first.
     keep_share: float = 0.25
+    # How a prolog stages: "image" mounts the environment's squashfs image
+    # (conda stage --pack --image) with squashfuse_ll as the job user,
+    # "extract" unpacks the tarball, "auto" mounts when there is an image
+    # and FUSE works, else extracts.  Each fallback is one line in the job.
+    stage_mode: str = "auto"
+    # Image mode: copy the image to the local disk before mounting it (one
+    # sequential read); "no" mounts it where it is, on the shared filesystem.
+    image_copy: bool = True
     # Seconds a prolog may spend staging, all environments together; what is
     # not staged by then is skipped and the job runs without it.
     prolog_budget: float = 120.0
@@ -97,6 +105,9 @@ class Config:
             if value and (not os.path.isabs(value) or not value.isprintable()):
                 raise UsageError(f"CONDA_STAGE_{name.upper()} must be an absolute path, "
                                  f"not {value!r}")
+        if config.stage_mode not in ("auto", "image", "extract"):
+            raise UsageError(f"CONDA_STAGE_STAGE_MODE must be auto, image or extract, "
+                             f"not {config.stage_mode!r}")
         if config.keep_unused < 0 or not 0 <= config.keep_share <= 1:
             raise UsageError("CONDA_STAGE_KEEP_UNUSED must be >= 0 seconds and "
                              "CONDA_STAGE_KEEP_SHARE a fraction between 0 and 1")

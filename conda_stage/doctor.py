@@ -306,10 +306,12 @@ def _fuse(report: Report) -> None:
         usable = False
     tools = [t for t in ("fusermount3", "squashfuse_ll") if not shutil.which(t)]
     if usable and not tools:
-        report.ok("FUSE: /dev/fuse usable by users, fusermount3 and squashfuse_ll installed")
+        report.ok("image mode: /dev/fuse usable by users, fusermount3 and squashfuse_ll "
+                  "installed (jobs mount environments' images)")
     else:
-        missing = ", ".join(tools + ([] if usable else ["/dev/fuse for users"]))
-        report.warn(f"FUSE: missing {missing} (not needed to stage by extraction)")
+        missing = ", ".join(tools + ([] if usable else ["/dev/fuse for users (chmod 666)"]))
+        report.warn(f"image mode cannot work on this node: missing {missing}; jobs extract "
+                    f"instead (Debian: apt-get install squashfuse fuse3)")
 
 
 def main() -> int:

@@ -361,12 +361,14 @@ def check_manifest(data) -> dict:
             _text(item.get("path"), path=True)
             _text(item.get("original"), path=True)
             _text(item.get("copy"), optional=True)
+            _text(item.get("note"), optional=True)
             for key in ("seconds", "bytes", "files"):
                 value = item.get(key, 0)
                 if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                     raise ValueError(f"bad {key}")
-            if not isinstance(item.get("reused", False), bool):
-                raise ValueError("bad reused")
+            for key in ("reused", "image"):
+                if not isinstance(item.get(key, False), bool):
+                    raise ValueError(f"bad {key}")
         else:
             _text(item.get("reason"))
     return data

@@ -84,6 +84,7 @@ def prolog(job: Job, config: Config, log) -> dict | None:
     for item in manifest["results"]:
         if item["status"] == "staged":
             how = " (shared copy)" if item.get("reused") else (
+                " (image mounted)" if item.get("image") else
                 " (extracted)" if item.get("copy") else "")
             log.info(f"{job.label}: staged {item['original']} -> {item['path']} "
                      f"in {item['seconds']:.2f} s{how}")
@@ -109,7 +110,8 @@ def _run_staging(job: Job, config: Config, deadline: float, store: NodeStore | N
     spec["store"] = str(store.user_folder(job.account.uid)) if store else None
     report = run_as(job.account, _stage_envs, spec,
                     {"conda_root": config.conda_root, "lock_timeout": config.lock_timeout,
-                     "deadline": deadline},
+                     "deadline": deadline, "stage_mode": config.stage_mode,
+                     "image_copy": config.image_copy},
                     timeout=config.prolog_budget + _GRACE)
     manifest = check_manifest(report)
     for item in manifest["results"]:
@@ -162,7 +164,15 @@ def _sweep(mine, account, log, label: str, *, deadline=None, keep=None, over=Non
 
 
 def _terminate_under(paths: list) -> int:
-    return sum(terminate_processes_under(Path(p)) for p in paths)
+    """(user) Stop the user's processes running from ``paths``, then unmount
+    the images mounted there: the FUSE processes exit with their mounts."""
+    from .image import mounts_under, unmount
+
+    stopped = sum(terminate_processes_under(Path(p)) for p in paths)
+    for p in paths:
+        for point in mounts_under(Path(p)):
+            unmount(point, listed=True)
+    return stopped
 
 
 def failed(manifest: dict | None) -> bool:
@@ -201,10 +211,15 @@ def _manifest(job_or_spec, results) -> dict:
     messages = [f"conda-stage: ignoring part of the request: {one_line(p)}"
                 for p in spec["problems"]]
     for r in results:
+        if r.get("note"):
+            messages.append(f"conda-stage: {r['name']}: {r['note']}")
         if r["status"] == "staged" and r.get("reused"):
             messages.append(f"conda-stage: {r['name']} is staged at {r['path']} (a copy this "
                             f"node already had, shared with your other jobs); "
                             f"'conda activate {r['name']}' uses it")
+        elif r["status"] == "staged" and r.get("image"):
+            messages.append(f"conda-stage: mounted the image of {r['name']} at {r['path']} in "
+                            f"{r['seconds']:.1f} s; 'conda activate {r['name']}' uses it")
         elif r["status"] == "staged":
             messages.append(f"conda-stage: staged {r['name']} to {r['path']} in "
                             f"{r['seconds']:.1f} s; 'conda activate {r['name']}' uses it")
@@ -251,10 +266,15 @@ def _stage_envs(spec: dict, conf: dict) -> dict:
             # tarball; a stale tarball is reported, the job runs unstaged.
             if spec.get("store"):
                 shared = stage_shared(env, Path(spec["store"]), name, job_id=spec["job_id"],
-                                      lock_timeout=conf["lock_timeout"], deadline=deadline)
+                                      lock_timeout=conf["lock_timeout"], deadline=deadline,
+                                      mode=conf.get("stage_mode", "extract"),
+                                      copy_image=conf.get("image_copy", True))
                 _read_only(shared.path.parent)  # 'conda create' never picks it
                 item = {"path": str(shared.path), "copy": shared.copy_id,
-                        "reused": shared.reused, "bytes": shared.bytes, "files": shared.files}
+                        "reused": shared.reused, "bytes": shared.bytes, "files": shared.files,
+                        "image": shared.image}
+                if shared.note:
+                    item["note"] = one_line(shared.note)
             else:
                 path = stage(env, path=envs / name, name=name, mode="job",
                              job_id=spec["job_id"], repack=False,

@@ -78,7 +78,7 @@ def open_tarball(env: Env, lock_timeout: float | None = None,
         return Opened(tarball, side, fh)
 
 
-def _check_planted(env: Env, tarball: Tarball, st: os.stat_result) -> None:
+def _check_planted(env: Env, tarball, st: os.stat_result) -> None:
     """A tarball or sidecar someone else could have put next to a shared
     environment is not used: each must belong to the environment's owner or
     to whoever stages it, and must not be writable by everyone."""
@@ -194,30 +194,77 @@ class Shared(NamedTuple):
     reused: bool
     bytes: int
     files: int
+    image: bool = False
+    note: str | None = None  # why an image was not mounted (the job is told)
 
 
 def stage_shared(env: Env, folder: Path, name: str, *, job_id: str | None = None,
-                 lock_timeout: float | None = None, deadline: float | None = None) -> Shared:
+                 lock_timeout: float | None = None, deadline: float | None = None,
+                 mode: str = "extract", copy_image: bool = True) -> Shared:
     """(job user, under the node store's lock for this user) The copy of
     ``env`` in the user's store ``folder``: reused when a complete one of
-    this very tarball is there, else extracted to ``folder/<id>/<name>``.
+    this very tarball is there (an extracted copy or a mounted image), else
+    -- ``mode`` "image" or "auto" -- its image mounted at
+    ``folder/<image id>/<name>``, or extracted to ``folder/<id>/<name>``.
     A prolog never repacks."""
     from .nodestore import copy_id
 
     opened = open_fresh(env, repack=False, lock_timeout=lock_timeout, deadline=deadline)
     with opened.fh:
         meta = opened.sidecar.meta
-        cid = copy_id(os.getuid(), name, str(env.prefix), os.fstat(opened.fh.fileno()))
+        st = os.fstat(opened.fh.fileno())
+        note = None
+        if mode in ("image", "auto"):
+            mounted = _mount_image(env, Path(folder), name, st, mode, copy_image, deadline)
+            if isinstance(mounted, Shared):
+                return mounted._replace(bytes=meta.unpacked_bytes, files=meta.files)
+            note = mounted
+        cid = copy_id(os.getuid(), name, str(env.prefix), st)
         target = Path(folder) / cid / name
         if read_marker(target) is not None:  # copies appear complete, by rename
             output.info(f"Using the copy on this node: {target}")
-            return Shared(target, cid, True, meta.unpacked_bytes, meta.files)
+            return Shared(target, cid, True, meta.unpacked_bytes, meta.files, note=note)
         os.makedirs(target.parent, mode=0o755, exist_ok=True)
         os.chmod(target.parent, 0o755)  # read-only if an earlier attempt finished it
         _stage_from(env, meta, opened.fh, opened.tarball, path=target, base=None, name=name,
                     writable=False, owner_pid=None, mode="job", job_id=job_id,
                     deadline=deadline)
-        return Shared(target, cid, False, meta.unpacked_bytes, meta.files)
+        return Shared(target, cid, False, meta.unpacked_bytes, meta.files, note=note)
+
+
+def _mount_image(env: Env, folder: Path, name: str, tarball_st, mode: str, copy_image: bool,
+                 deadline) -> Shared | str | None:
+    """The environment's image mounted in the store (reused if it already
+    is); else why extraction must do (a line for the job), or None when
+    there is nothing to say (no image, mode "auto")."""
+    from . import image
+
+    img = image.Image(env)
+    meta = img.read_meta()
+    cid = meta.image_id if meta is not None else "0" * 16
+    target = folder / cid / name
+    why = img.usable(tarball_st, str(target)) or image.fuse_problem()
+    if why is not None:
+        if mode == "image" or meta is not None:
+            line = f"not mounting its image ({why}); extracting it instead"
+            output.warn(line)
+            return line
+        return None
+    if os.path.ismount(target) and read_marker(target) is not None:
+        output.info(f"Using the image mounted on this node: {target}")
+        return Shared(target, cid, True, 0, 0, True)
+    with open_regular(img.path, what="image") as fh:
+        _check_planted(env, img, os.fstat(fh.fileno()))
+    os.makedirs(target.parent, mode=0o755, exist_ok=True)
+    os.chmod(target.parent, 0o755)
+    output.info(f"Mounting {output.describe_file(img.path)} at {target}")
+    took = image.mount(img.path, target, deadline=deadline,
+                       copy_into=target.parent / f".image{image.SUFFIX}" if copy_image else None)
+    if read_marker(target) is None:
+        image.unmount(target)
+        raise StageError(f"the image {img.path} is not a conda-stage image of {env.prefix}")
+    output.info(f"Total mount time: {output.seconds(took)}")
+    return Shared(target, cid, False, 0, 0, True)
 
 
 def _repack(env: Env, reason: str, lock_timeout, deadline) -> None:
@@ -233,7 +280,10 @@ def _repack(env: Env, reason: str, lock_timeout, deadline) -> None:
 
 
 def _stage_from(env, meta, fh, tarball, *, path, base, name, writable, owner_pid, mode, job_id,
-                deadline=None, tarball_id=None):
+                deadline=None, tarball_id=None, relocate_to: str | None = None):
+    """Extract into ``path`` (or a new folder under ``base``), relocated for
+    that path -- or for ``relocate_to``, where the tree will be seen
+    instead (an image mounted there)."""
     name = name or env.name
     if path is not None:
         target = Path(os.path.abspath(path))
@@ -247,7 +297,8 @@ def _stage_from(env, meta, fh, tarball, *, path, base, name, writable, owner_pid
         target, parent_owned = parent / name, True
     tmp = parent / f".{name}.partial-{os.getpid()}"
     try:
-        check_prefix_fits(str(target), meta.max_prefix_length)
+        final = relocate_to or str(target)
+        check_prefix_fits(final, meta.max_prefix_length)
         # Advisory, from the archive's own numbers (at least the tarball's
         # real size: the sidecar is the user's to write); the extractor
         # checks the space actually left while it writes.
@@ -257,7 +308,7 @@ def _stage_from(env, meta, fh, tarball, *, path, base, name, writable, owner_pid
         marker = new_marker(env.prefix, name, mode, owner_pid=owner_pid, job_id=job_id,
                             writable=writable, parent_owned=parent_owned, tarball_id=tarball_id)
         skip = {ACTIVATE_HOOK} | ({DEACTIVATE_HOOK} if mode == "job" else set())
-        relocator = Relocator(meta.records, str(target))
+        relocator = Relocator(meta.records, final)
         recompiled = []
 
         def recompile(dest: str, stats) -> None:
@@ -265,7 +316,7 @@ def _stage_from(env, meta, fh, tarball, *, path, base, name, writable, owner_pid
             # read-only copy could not repair: recompile them now.
             started = time.monotonic()
             recompiled.append(bytecode.recompile_relocated(
-                dest, str(target), stats.rewritten, original_prefix=env.prefix,
+                dest, final, stats.rewritten, original_prefix=env.prefix,
                 deadline=deadline))
             recompiled.append(time.monotonic() - started)
 

@@ -332,6 +332,13 @@ class Tarball:
                 removed.append(p)
         if self.meta_path.exists():
             self.meta_path.unlink()
+        from .image import Image  # the image is built from the tarball: it goes too
+
+        image = Image(self.env)
+        for p in (image.path, image.meta_path):
+            if p.exists():
+                p.unlink()
+                removed.append(p)
         return removed
 
 

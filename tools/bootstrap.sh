@@ -18,7 +18,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 need=()
-for pkg in python3-venv zsh strace shellcheck fuse3 gcc binutils zstd util-linux; do
+for pkg in python3-venv zsh strace shellcheck fuse3 squashfuse squashfs-tools gcc binutils zstd util-linux; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -1,0 +1,262 @@
+"""Image mode: an environment as one compressed squashfs image, mounted
+read-only with ``squashfuse_ll`` instead of extracted file by file.
+
+Packing (``conda-stage --pack --image``, the user, next to the tarball)::
+
+    NAME.sqfs              the image: the tarball's tree, relocated for the
+                           path it will be mounted at, bytecode recompiled,
+                           with the copy marker; zstd (mksquashfs)
+    NAME.sqfs.json         its sidecar: image id, mount path, the tarball it
+                           was built from (size, mtime), its own size
+
+The mount path is the node store's path for the copy,
+``<staging dir>/users/<uid>/<image id>/NAME``: the same on every node that
+uses the site's staging folder, inside the user's own folder that only the
+root prolog can create (nobody can squat it), and fixed at packing time,
+so staging rewrites nothing.  The image id is new at every build, so a
+rebuilt image is mounted next to the old one while jobs on it finish.
+
+Staging (the job user, under the node store's lock for that user): copy
+the image into the store folder (one sequential read of one file; or, by
+the admin's choice, use it where it is) and mount it with ``squashfuse_ll``
+-- as the job user: the kernel never parses a user's image for root.
+Unmounting is ``fusermount3 -u`` (lazy when busy), as the user; the FUSE
+process then exits.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import output
+from .errors import StageError
+from .output import printable
+from .resolve import Env
+from .userfiles import open_regular, read_bounded
+
+SUFFIX = ".sqfs"
+SQUASHFUSE = "squashfuse_ll"
+FUSERMOUNT = "fusermount3"
+MODES = ("auto", "image", "extract")
+_META_LIMIT = 64 << 10
+
+
+@dataclass
+class ImageMeta:
+    image_id: str
+    mount_prefix: str
+    tarball_size: int
+    tarball_mtime_ns: int
+    size: int
+    created: str
+    build_seconds: float
+
+
+class Image:
+    """The paths of an environment's image and its sidecar, and reading it."""
+
+    def __init__(self, env: Env):
+        self.env = env
+        parent, name = env.prefix.parent, env.prefix.name
+        self.path = parent / (name + SUFFIX)
+        self.meta_path = parent / (name + SUFFIX + ".json")
+
+    def read_meta(self) -> ImageMeta | None:
+        """The sidecar if it is one conda-stage wrote (types checked), else None."""
+        from .nodestore import valid_id
+
+        try:
+            data = json.loads(read_bounded(self.meta_path, _META_LIMIT, what="image sidecar"))
+            meta = ImageMeta(**data)
+        except (OSError, ValueError, TypeError, StageError):
+            return None
+        ints = (meta.tarball_size, meta.tarball_mtime_ns, meta.size)
+        if (not valid_id(meta.image_id) or not isinstance(meta.mount_prefix, str)
+                or not meta.mount_prefix.isprintable() or not meta.mount_prefix.startswith("/")
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in ints)):
+            return None
+        return meta
+
+    def usable(self, tarball_st: os.stat_result, mount_prefix: str) -> str | None:
+        """Why the image cannot stand in for the tarball ``tarball_st`` at
+        ``mount_prefix`` (None: it can)."""
+        meta = self.read_meta()
+        if meta is None:
+            return "there is no image (pack with 'conda stage --pack --image')"
+        if (meta.tarball_size, meta.tarball_mtime_ns) != (tarball_st.st_size,
+                                                          tarball_st.st_mtime_ns):
+            return "the image is older than the tarball (pack with --image again)"
+        if meta.mount_prefix != mount_prefix:
+            return (f"the image was built for {printable(meta.mount_prefix)}, this node mounts "
+                    f"at {printable(mount_prefix)} (a different staging folder or user)")
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return "the image file is missing"
+        if st.st_size != meta.size:
+            return "the image file is not the one its sidecar describes"
+        return None
+
+
+# ------------------------------------------------------------------ tools
+def fuse_problem() -> str | None:
+    """Why the current user cannot mount an image on this node (None: they can)."""
+    for tool in (SQUASHFUSE, FUSERMOUNT):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return "/dev/fuse is not usable by this user"
+    return None
+
+
+def mount_prefix_for(staging_dir: str, uid: int, image_id: str, name: str) -> str:
+    from .nodestore import NodeStore
+
+    return str(NodeStore(staging_dir, "/").copy_folder(uid, image_id) / name)
+
+
+# ------------------------------------------------------------------ build
+def build(env: Env, *, staging_dir: str, lock_timeout: float | None = None) -> ImageMeta:
+    """(user) Pack the tarball if needed, then build the image from it,
+    relocated for this user's mount path under ``staging_dir``; atomic,
+    under the environment's lock."""
+    from .locking import file_lock
+    from .pack import pack
+    from .stage import _stage_from
+    from .tarball import Tarball, atomic_write
+
+    if shutil.which("mksquashfs") is None:
+        raise StageError("mksquashfs is not installed (Debian: apt-get install squashfs-tools)")
+    pack(env, lock_timeout=lock_timeout)
+    image = Image(env)
+    with file_lock(Tarball.lock_for(env), timeout=lock_timeout,
+                   waiting=f"Waiting for another process packing {env.prefix} ..."):
+        tarball, side = Tarball.load(env)
+        fh = open_regular(tarball.path, what="tarball")
+        with fh:
+            st = os.fstat(fh.fileno())
+            side = side.check(st)
+            if side.meta is None:
+                raise StageError(f"No usable tarball for {env.prefix}: {side.problem}")
+            old = image.read_meta()
+            if old is not None and image.usable(st, old.mount_prefix) is None and \
+                    old.mount_prefix == mount_prefix_for(staging_dir, os.getuid(),
+                                                         old.image_id, env.name):
+                output.info(f"Image {image.path} is up to date")
+                return old
+            image_id = secrets.token_hex(8)
+            prefix = mount_prefix_for(staging_dir, os.getuid(), image_id, env.name)
+            t0 = time.monotonic()
+            output.info(f"Building image {image.path} for {prefix} ...")
+            work = Path(tempfile.mkdtemp(prefix=".cs-image-", dir=os.environ.get("TMPDIR",
+                                                                                   "/var/tmp")))
+            try:
+                tree = work / env.name
+                _stage_from(env, side.meta, fh, tarball, path=tree, base=None, name=env.name,
+                            writable=False, owner_pid=None, mode="job", job_id=None,
+                            relocate_to=prefix)
+                tmp_image = image.path.with_name(f".{image.path.name}.{os.getpid()}.tmp")
+                _mksquashfs(tree, tmp_image)
+                size = os.stat(tmp_image).st_size
+                os.replace(tmp_image, image.path)
+            finally:
+                from .store import remove_tree
+
+                remove_tree(work)
+                if "tmp_image" in locals() and tmp_image.exists():
+                    tmp_image.unlink()
+            meta = ImageMeta(image_id=image_id, mount_prefix=prefix, tarball_size=st.st_size,
+                             tarball_mtime_ns=st.st_mtime_ns, size=size,
+                             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                             build_seconds=round(time.monotonic() - t0, 3))
+            atomic_write(image.meta_path, json.dumps(asdict(meta), indent=1).encode())
+    output.info(f"Created image {image.path} ({size} bytes) in "
+                f"{output.seconds(meta.build_seconds)}")
+    return meta
+
+
+def _mksquashfs(tree: Path, out: Path) -> None:
+    from .formats import cpu_count
+
+    r = subprocess.run(["mksquashfs", str(tree), str(out), "-comp", "zstd", "-noappend",
+                        "-Xcompression-level", "6", "-no-xattrs", "-quiet", "-no-progress", "-processors",
+                        str(cpu_count())], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise StageError(f"mksquashfs failed: {printable((r.stderr or r.stdout).strip())}")
+
+
+# ------------------------------------------------------------ mount (user)
+def mount(image_file: Path, target: Path, *, copy_into: Path | None = None,
+          deadline: float | None = None) -> float:
+    """(job user) Mount ``image_file`` read-only at ``target`` (made here);
+    with ``copy_into``, copy the image there first and mount the copy.
+    Returns the seconds it took.  The FUSE process detaches; unmount with
+    :func:`unmount`."""
+    t0 = time.monotonic()
+    source = Path(image_file)
+    if copy_into is not None:
+        with open_regular(source, what="image") as src:
+            st = os.fstat(src.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise StageError(f"{printable(str(source))} is not a regular file")
+            tmp = copy_into.with_name(f".{copy_into.name}.partial")
+            with open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 4 << 20)
+            os.replace(tmp, copy_into)
+        source = copy_into
+    for dead in mounts_under(target):  # a mount whose FUSE process died
+        unmount(dead, listed=True)
+    os.makedirs(target, mode=0o755, exist_ok=True)
+    left = 60.0 if deadline is None else max(1.0, deadline - time.monotonic())
+    try:
+        r = subprocess.run([SQUASHFUSE, str(source), str(target)], capture_output=True,
+                           text=True, timeout=left, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        unmount(target)
+        raise StageError("mounting the image took longer than the time allowed") from None
+    if r.returncode != 0 or not os.path.ismount(target):
+        raise StageError(f"{SQUASHFUSE} could not mount the image: "
+                         f"{printable((r.stderr or r.stdout).strip()) or 'no reason given'}")
+    return time.monotonic() - t0
+
+
+def unmount(target: Path, *, listed: bool = False) -> bool:
+    """(the user who mounted it) Unmount ``target``; lazily if it is busy.
+    ``listed``: it is in the mount table (a mount whose FUSE process died
+    fails ``ismount``).  Returns whether something was unmounted."""
+    if not listed and not os.path.ismount(target):
+        return False
+    for args in (["-u"], ["-u", "-z"]):
+        r = subprocess.run([FUSERMOUNT, *args, str(target)], capture_output=True, text=True,
+                           timeout=60)
+        if r.returncode == 0:
+            return True
+    raise StageError(f"could not unmount {printable(str(target))}: "
+                     f"{printable(r.stderr.strip())}")
+
+
+def mounts_under(folder: Path) -> list[Path]:
+    """FUSE mount points at or below ``folder`` (from /proc/self/mountinfo),
+    deepest first."""
+    root = str(folder).rstrip("/")
+    found = []
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) < 5:
+            continue
+        point = fields[4].encode().decode("unicode_escape")
+        if (point == root or point.startswith(root + "/")) and " - fuse" in line:
+            found.append(Path(point))
+    return sorted(found, key=lambda p: len(str(p)), reverse=True)

@@ -1,0 +1,199 @@
+"""Image mode on a real Slurm with real squashfuse: the prolog mounts the
+environment's squashfs image (built by its owner with 'conda stage --pack
+--image') as the job user, 'conda activate NAME' lands on the mount, an
+array job shares one mount, the epilog unmounts after a normal end,
+scancel, a time limit and kill -9, and no FUSE process or mount is left;
+without squashfuse the job gets one line and an extracted copy.
+
+/dev/fuse is made usable by users for this module (Debian's udev default,
+0666); what it was is restored afterwards."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.harness.envs import enable_env, remove_env
+from tests.harness.sitecfg import slurm_hooks, store_listing
+from tests.harness.users import TEST_BASE
+
+pytestmark = [pytest.mark.slurm, pytest.mark.conda]
+
+STAGING = TEST_BASE / "image-jobs"
+STATE = TEST_BASE / "image-state"
+HOOK_LOG = TEST_BASE / "image-hooks.log"
+CONDA_STAGE = str(Path(sys.prefix) / "bin" / "conda-stage")
+
+
+@pytest.fixture(scope="module")
+def fuse_for_users():
+    if not shutil.which("squashfuse_ll") or not shutil.which("mksquashfs"):
+        pytest.fail("squashfuse and squashfs-tools are needed (tools/bootstrap.sh installs "
+                    "them)", pytrace=False)
+    mode = os.stat("/dev/fuse").st_mode & 0o777
+    os.chmod("/dev/fuse", 0o666)
+    yield
+    os.chmod("/dev/fuse", mode)
+
+
+@pytest.fixture(scope="module")
+def cluster(slurm_cluster, conda_site, fuse_for_users):
+    HOOK_LOG.unlink(missing_ok=True)
+    with slurm_hooks(slurm_cluster, staging_dir=STAGING, state_dir=STATE, log_file=HOOK_LOG,
+                     syslog="no", conda_root=conda_site.root_prefix, keep_unused=0,
+                     stage_mode="auto"):
+        yield slurm_cluster
+
+
+@pytest.fixture(scope="module")
+def env(cluster, conda_site, conda_user, stage_bin):
+    """An auto-stage-enabled environment with an image for this site's
+    staging folder (the site file is in place: the image's mount path
+    comes from it)."""
+    made = enable_env(conda_site, conda_user, stage_bin, "im-jup")
+    r = conda_site.shell(conda_user, f'export PATH="{stage_bin}:$PATH"\n'
+                                     f"conda stage --pack --image {made.name}")
+    assert r.returncode == 0, r.stderr
+    assert "INFO: Created image " in r.stderr, r.stderr
+    yield made
+    remove_env(conda_site, conda_user, made)
+
+
+def fuse_processes(uid):
+    return [p for p in psutil.process_iter(["name", "uids"])
+            if p.info["name"] == "squashfuse_ll" and p.info["uids"]
+            and p.info["uids"].real == uid]
+
+
+def mounts():
+    text = Path("/proc/self/mountinfo").read_text()
+    return [line.split(" ")[4] for line in text.splitlines() if str(STAGING) in line]
+
+
+@pytest.fixture
+def job(cluster, conda_user, conda_site):
+    cluster.ensure_clean()
+    cluster.defaults.update(keep_unused=0)
+
+    def submit(body, *args):
+        return cluster.submit(conda_user, f"#!/bin/bash\n. {conda_site.init_file}\n{body}\n",
+                              *args)
+
+    yield submit
+    cluster.ensure_clean()
+    subprocess.run([CONDA_STAGE, "gc", "--jobs", "--all-unused"], capture_output=True,
+                   timeout=300, env={**os.environ, **cluster.env})
+    assert mounts() == [], "image still mounted"
+    deadline = time.monotonic() + 10
+    while fuse_processes(conda_user.uid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert fuse_processes(conda_user.uid) == [], "a squashfuse_ll process outlived its mount"
+    assert store_listing(STAGING) == [] and store_listing(STATE) == [], \
+        (store_listing(STAGING), store_listing(STATE))
+    assert "drain" not in cluster.node_state(), cluster.node_reason()
+
+
+def values(text):
+    return dict(line.split("=", 1) for line in text.splitlines() if re.match(r"^\w+=", line))
+
+
+PROBE = """
+conda activate {name}
+echo "prefix=$CONDA_PREFIX"
+echo "sys_prefix=$(python -c 'import sys; print(sys.prefix)')"
+prefix-probe | sed 's/:/=/'
+if mountpoint -q "$CONDA_PREFIX"; then echo "mounted=yes"; fi
+"""
+
+
+def image_meta(env):
+    return json.loads((env.prefix.parent / f"{env.name}.sqfs.json").read_text())
+
+
+def test_the_prolog_mounts_the_image_and_conda_activate_lands_on_it(job, cluster, env):
+    mark = HOOK_LOG.stat().st_size if HOOK_LOG.exists() else 0
+    jid = job(PROBE.format(name=env.name), f"--comment=conda_env={env.name}")
+    assert cluster.wait(jid)["JobState"] == "COMPLETED"
+    out = cluster.output(jid)
+    v = values(out)
+    expected = image_meta(env)["mount_prefix"]
+    assert v["prefix"] == v["sys_prefix"] == v["exe"] == expected, out
+    assert v["lib"] == f"{expected}/lib"  # the relocated binary placeholder
+    assert v["mounted"] == "yes", out
+    assert f"conda-stage: mounted the image of {env.name} at {expected} in " in out
+    log = HOOK_LOG.read_text()[mark:]
+    assert re.search(rf"staged {env.prefix} -> {re.escape(expected)} in [0-9.]+ s "
+                     rf"\(image mounted\)", log), log
+    assert f"removed the unused copy {expected}" in log
+
+
+def test_an_array_job_shares_one_mount(job, cluster, env, conda_user):
+    cluster.defaults.update(keep_unused=300)
+    mark = HOOK_LOG.stat().st_size
+    out_dir = cluster.user_workdir(conda_user.name)
+    jid = job(PROBE.format(name=env.name) + "sleep 2\n", f"--comment=conda_env={env.name}",
+              "--array=1-4", "-o", f"{out_dir}/image-array-%A_%a.out")
+    cluster.wait(jid, timeout=300)
+    prefixes = {values((out_dir / f"image-array-{jid}_{t}.out").read_text())["sys_prefix"]
+                for t in range(1, 5)}
+    assert prefixes == {image_meta(env)["mount_prefix"]}
+    log = HOOK_LOG.read_text()[mark:]
+    assert len(re.findall(r"\(image mounted\)", log)) == 1, log
+    assert len(re.findall(r"\(shared copy\)", log)) == 3, log
+    assert len(mounts()) == 1  # kept for the next job, held by none: gc unmounts it
+
+
+RUN = """
+conda activate {name}
+python -c 'import time; time.sleep(600)' &
+echo ready
+sleep 600
+"""
+
+
+@pytest.mark.parametrize("how", ["scancel", "sigkill", "timeout"])
+def test_the_epilog_unmounts_after_the_job_ends_early(how, job, cluster, env):
+    args = [f"--comment=conda_env={env.name}"] + (["--time=1"] if how == "timeout" else [])
+    jid = job(RUN.format(name=env.name), *args)
+    deadline = time.monotonic() + 90
+    while "ready" not in (cluster.output(jid, timeout=0) if _has_output(cluster, jid) else ""):
+        assert time.monotonic() < deadline, "job never got ready"
+        time.sleep(0.3)
+    assert len(mounts()) == 1
+    if how == "scancel":
+        cluster.cancel(jid)
+    elif how == "sigkill":
+        cluster.cancel(jid, signal="KILL", full=True)
+    cluster.wait(jid, timeout=240)
+    assert mounts() == []  # the epilog unmounted (keep time 0)
+
+
+def _has_output(cluster, jid):
+    try:
+        cluster.output(jid, timeout=0)
+        return True
+    except Exception:
+        return False
+
+
+def test_without_squashfuse_the_job_is_told_and_gets_an_extracted_copy(job, cluster, env):
+    hidden = Path("/usr/bin/squashfuse_ll.cs-test-hidden")
+    os.rename("/usr/bin/squashfuse_ll", hidden)
+    try:
+        jid = job(PROBE.format(name=env.name), f"--comment=conda_env={env.name}")
+        assert cluster.wait(jid)["JobState"] == "COMPLETED"
+    finally:
+        os.rename(hidden, "/usr/bin/squashfuse_ll")
+    out = cluster.output(jid)
+    v = values(out)
+    assert (f"conda-stage: {env.name}: not mounting its image (squashfuse_ll is not "
+            f"installed); extracting it instead") in out
+    assert v["sys_prefix"] != image_meta(env)["mount_prefix"] and "mounted" not in v, out
+    assert re.fullmatch(rf"{STAGING}/users/\d+/[0-9a-f]{{16}}/{env.name}", v["sys_prefix"])

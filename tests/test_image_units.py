@@ -1,0 +1,70 @@
+"""Image mode's pure logic: when an image may stand in for its tarball,
+and what its sidecar must look like (no FUSE, no scheduler)."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conda_stage.image import Image, mount_prefix_for, mounts_under
+from conda_stage.resolve import Env
+
+
+@pytest.fixture
+def image(tmp_path):
+    prefix = tmp_path / "envs" / "jup"
+    prefix.mkdir(parents=True)
+    tarball = tmp_path / "envs" / "jup.tar.zst"
+    tarball.write_bytes(b"t" * 100)
+    img = Image(Env(prefix=prefix, name="jup"))
+    img.path.write_bytes(b"i" * 50)
+    st = os.stat(tarball)
+    meta = {"image_id": "0123456789abcdef", "tarball_size": 100,
+            "tarball_mtime_ns": st.st_mtime_ns, "size": 50, "created": "now",
+            "build_seconds": 1.0,
+            "mount_prefix": mount_prefix_for("/var/lib/cs", 1000, "0123456789abcdef", "jup")}
+    img.meta_path.write_text(json.dumps(meta))
+    return img, st, meta
+
+
+def test_an_image_of_this_tarball_for_this_mount_path_is_usable(image):
+    img, st, meta = image
+    assert meta["mount_prefix"] == "/var/lib/cs/users/1000/0123456789abcdef/jup"
+    assert img.usable(st, meta["mount_prefix"]) is None
+
+
+def test_an_image_that_does_not_match_is_not_used_and_says_why(image, tmp_path):
+    img, st, meta = image
+    assert "older than the tarball" in img.usable(
+        os.stat_result((0,) * 6 + (101,) + (0,) * 3), meta["mount_prefix"])
+    assert "built for /var/lib/cs/users/1000/" in img.usable(st, "/elsewhere/x/jup")
+    img.path.write_bytes(b"i" * 51)
+    assert "not the one its sidecar describes" in img.usable(st, meta["mount_prefix"])
+    img.path.unlink()
+    assert "missing" in img.usable(st, meta["mount_prefix"])
+
+
+@pytest.mark.parametrize("bad", [{"image_id": "../../etc"}, {"mount_prefix": "rel/path"},
+                                 {"mount_prefix": "/a\nb"}, {"size": "50"}, {"extra": 1}])
+def test_a_sidecar_conda_stage_did_not_write_is_ignored(image, bad):
+    img, st, meta = image
+    img.meta_path.write_text(json.dumps({**meta, **bad}))
+    assert img.read_meta() is None
+    assert "there is no image" in img.usable(st, meta["mount_prefix"])
+
+
+def test_mounts_under_lists_fuse_mounts_deepest_first(monkeypatch, tmp_path):
+    table = tmp_path / "mountinfo"
+    table.write_text(
+        "36 25 0:32 / /var/lib/cs/users/1000/aa/jup ro,nosuid - fuse.squashfuse_ll x ro\n"
+        "37 25 0:33 / /var/lib/cs/users/1000/aa/jup/sub rw - fuse.other y rw\n"
+        "38 25 0:34 / /var/lib/cs/users/10001/bb/jup rw - fuse.squashfuse_ll z ro\n"
+        "39 25 0:35 / /var/lib/cs/users/1000/with\\040space rw - fuse.squashfuse_ll z ro\n"
+        "40 25 0:36 / /var/lib/cs/users/1000/t rw - tmpfs tmpfs rw\n")
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: real(
+        table if str(self) == "/proc/self/mountinfo" else self, *a, **k))
+    found = mounts_under(Path("/var/lib/cs/users/1000"))
+    assert found == [Path("/var/lib/cs/users/1000/aa/jup/sub"),
+                     Path("/var/lib/cs/users/1000/with space"),
+                     Path("/var/lib/cs/users/1000/aa/jup")]
