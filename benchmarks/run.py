@@ -558,8 +558,9 @@ class Bench:
         n = 1 if self.quick else 3
         staging, state = lay.base / "jobs", lay.base / "state"
         r = {"prolog": [], "epilog": [], "rm_rf": [], "staged": []}
+        # keep_unused=0: each epilog removes the copy, so every prolog extracts
         with site_defaults(staging_dir=staging, state_dir=state, conda_root=lay.mount,
-                           syslog="no"):
+                           syslog="no", keep_unused=0):
             for i in range(n + 1):
                 job = str(5000 + i)
                 env = {**slurm, "SLURM_JOB_ID": job,
@@ -571,9 +572,11 @@ class Bench:
                     subprocess.run([str(REPO / "prolog/slurm-prolog")], env=env, check=True,
                                    capture_output=True)
                     t_prolog = time.perf_counter() - t0
-                staged = (workdir / "envs" / be.ENV_NAME / ".conda-stage").exists()
-                if not staged:
-                    manifest = state / f"{job}.json"
+                manifest = state / f"{job}.json"
+                items = [x for x in json.loads(manifest.read_text())["results"]
+                         if x["status"] == "staged"] if manifest.exists() else []
+                copy = Path(items[0]["path"]) if items else None
+                if copy is None or not (copy / ".conda-stage").exists():
                     raise RuntimeError(f"the prolog did not stage (manifest: "
                                        f"{manifest.read_text() if manifest.exists() else 'none'})")
                 subprocess.run(["sync"], check=True)
@@ -582,14 +585,16 @@ class Bench:
                     subprocess.run([str(REPO / "epilog/slurm-epilog")], env=env, check=True,
                                    capture_output=True)
                     r["epilog"].append(time.perf_counter() - t0)
-                    if workdir.exists():
-                        raise RuntimeError("the epilog left the job folder behind")
+                    if workdir.exists() or copy.exists():
+                        raise RuntimeError("the epilog left the job folder or the copy behind")
                     r["prolog"].append(t_prolog)
                 else:  # the same tree, removed with rm -rf as root
                     t0 = time.perf_counter()
-                    subprocess.run(["rm", "-rf", str(workdir), str(state / f"{job}.json")],
-                                   check=True)
+                    subprocess.run(["rm", "-rf", str(workdir), str(copy.parent),
+                                    str(state / f"{job}.json")], check=True)
                     r["rm_rf"].append(time.perf_counter() - t0)
+                    subprocess.run(["rm", "-rf", str(staging / "users"), str(state / "users")],
+                                   check=True)
         r["median"] = {k: median(v) for k, v in r.items() if isinstance(v, list) and v}
         say(f"job hooks: prolog {r['median']['prolog']:.2f} s, epilog {r['median']['epilog']:.2f} s, "
             f"rm -rf {r['median']['rm_rf']:.2f} s")

@@ -1,0 +1,179 @@
+"""Benchmark of image mode against extraction, side by side in one run.
+
+For two environments -- the benchmark's jupyter environment (~17,750
+files, ~277 MB, built by ``benchenv.py``) and a small one (python +
+prefix-probe, ~2,900 files) -- both on local disk, alternating:
+
+* **stage**: the root prolog's work for one job (``jobstage.prolog``, as the
+  Slurm hook calls it) with ``stage_mode=image`` (copy the image to local
+  disk, mount it with squashfuse_ll as the job user) and with
+  ``stage_mode=extract`` (unpack the tarball);
+* **tear down**: the epilog's work (``jobstage.epilog``; copies are kept 0 s);
+* **jupyter --version** (jupyter environment): from the mount, from the
+  extracted copy, and from the native install the benchmark built on local
+  disk -- the reference;
+* **local disk**: what each mode puts on the node.
+
+Run as root: ``/opt/conda-stage/bin/python benchmarks/image.py [--reps N]``.
+/dev/fuse is made usable by users for the run and restored afterwards.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import benchenv  # noqa: E402
+from store import _Log, _job  # noqa: E402
+from conda_stage import image, jobstage  # noqa: E402
+from conda_stage.config import Config  # noqa: E402
+from conda_stage.privileges import Account, run_as  # noqa: E402
+
+
+def _du(path: Path) -> int:
+    # -x: not into the user's FUSE mount (which root may not enter anyway:
+    # du then exits 1 after counting everything else)
+    r = subprocess.run(["du", "-s", "--block-size=1", "-x", str(path)], capture_output=True,
+                       text=True)
+    return int(r.stdout.split()[0]) if r.stdout.strip() else 0
+
+
+def _build(env: Path, staging_dir: str) -> None:
+    """(the user) Enable auto-staging (prologs stage only enabled
+    environments) and build the image."""
+    from conda_stage import autostage, output
+    from conda_stage.resolve import resolve
+
+    output.configure(quiet=True)
+    target = resolve(str(env))
+    autostage.enable(target, quiet=True)
+    image.build(target, staging_dir=staging_dir)
+
+
+def _disable(env: Path) -> None:
+    from conda_stage import autostage, output
+    from conda_stage.resolve import resolve
+
+    output.configure(quiet=True)
+    autostage.disable(resolve(str(env)))
+
+
+def _version(account: Account, python_prefix: str) -> float:
+    def run(prefix):
+        t0 = time.perf_counter()
+        # as after 'conda activate': the entry points' shebang is '/usr/bin/env python'
+        env = {**os.environ, "PATH": f"{prefix}/bin:/usr/bin:/bin", "CONDA_PREFIX": prefix}
+        r = subprocess.run([f"{prefix}/bin/jupyter", "--version"], capture_output=True, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr.decode())
+        return time.perf_counter() - t0
+
+    return run_as(account, run, python_prefix)
+
+
+def measure(env: Path, account: Account, base: Path, reps: int, jupyter: bool,
+            native: Path | None) -> dict:
+    samples = {k: [] for k in ("stage_image", "stage_extract", "teardown_image",
+                               "teardown_extract", "version_image", "version_extract",
+                               "version_native", "disk_image", "disk_extract")}
+    job_id = 800000
+    for _ in range(reps):
+        for mode in ("image", "extract"):
+            config = Config(staging_dir=str(base / "jobs"), state_dir=str(base / "state"),
+                            share_copies=True, keep_unused=0.0, syslog=False,
+                            stage_mode=mode, conda_root="")
+            job_id += 1
+            job = _job(config, account, job_id, env)
+            t0 = time.perf_counter()
+            manifest = jobstage.prolog(job, config, _Log())
+            samples[f"stage_{mode}"].append(time.perf_counter() - t0)
+            item = manifest["results"][0]
+            assert item["status"] == "staged" and item.get("image", False) == (mode == "image"), \
+                (item, _Log.lines[-5:])
+            samples[f"disk_{mode}"].append(_du(Path(config.staging_dir) / "users"))
+            if jupyter:
+                _version(account, item["path"])  # warm the page cache once
+                samples[f"version_{mode}"].append(_version(account, item["path"]))
+                samples["version_native"].append(_version(account, str(native)))
+            t0 = time.perf_counter()
+            jobstage.epilog(job, config, _Log())
+            samples[f"teardown_{mode}"].append(time.perf_counter() - t0)
+            assert not image.mounts_under(base), "still mounted after the epilog"
+    return {k: v for k, v in samples.items() if v}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        ap.error("run as root")
+    lay, site, user = benchenv.setup()
+    account = Account.lookup(user=user.name)
+    small = site.create_env(user, "cs-image-small", packages=("python", "prefix-probe"))
+    base = Path(tempfile.mkdtemp(prefix="cs-bench-image-", dir="/var/tmp"))
+    os.chmod(base, 0o755)
+    fuse_mode = os.stat("/dev/fuse").st_mode & 0o777
+    os.chmod("/dev/fuse", 0o666)
+    envs = {"jupyter": lay.native_env, "small": small}
+    results = {}
+    try:
+        for label, env in envs.items():
+            t0 = time.perf_counter()
+            run_as(account, _build, str(env), str(base / "jobs"), timeout=1800)
+            build = time.perf_counter() - t0
+            results[label] = measure(env, account, base, args.reps, label == "jupyter",
+                                     lay.native_env)
+            results[label]["build"] = [build]
+            results[label]["files"] = benchenv.tree_size(env)
+    finally:
+        os.chmod("/dev/fuse", fuse_mode)
+        for env in envs.values():  # hooks, tarballs and images go: as they were
+            run_as(account, _disable, str(env), timeout=300)
+            lock = env.parent / f".{env.name}.conda-stage.lock"
+            lock.unlink(missing_ok=True)
+        site.remove_env(user, small)
+        subprocess.run(["chmod", "-R", "u+w", str(base)], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+    med = {label: {k: statistics.median(v) for k, v in r.items() if k != "files"}
+           for label, r in results.items()}
+    print(f"\n{args.reps} samples per row, medians, image and extraction alternated\n")
+    print("| environment | what | image mode | extraction | ratio | goal |")
+    print("|---|---|---|---|---|---|")
+    for label, m in med.items():
+        files = results[label]["files"]
+        name = f"{label} ({files['files']} files, {files['bytes'] / 1e6:.0f} MB)"
+        si, se = m["stage_image"], m["stage_extract"]
+        ti, te = m["teardown_image"], m["teardown_extract"]
+        print(f"| {name} | stage (prolog) | {si:.3f} s | {se:.3f} s | {se / si:.1f}x faster "
+              f"| <= 0.2 s: {'pass' if si <= 0.2 else 'FAIL'} |")
+        print(f"| {name} | tear down (epilog) | {ti:.3f} s | {te:.3f} s | {te / ti:.1f}x "
+              f"faster | <= 0.05 s: {'pass' if ti <= 0.05 else 'FAIL'} |")
+        print(f"| {name} | local disk | {m['disk_image'] / 1e6:.0f} MB | "
+              f"{m['disk_extract'] / 1e6:.0f} MB | | |")
+        if "version_image" in m:
+            vi, ve, vn = m["version_image"], m["version_extract"], m["version_native"]
+            print(f"| {name} | jupyter --version (native {vn:.3f} s) | {vi:.3f} s "
+                  f"({vi / vn:.2f}x native) | {ve:.3f} s ({ve / vn:.2f}x native) | | "
+                  f"<= 1.10x native: {'pass' if vi <= 1.10 * vn else 'FAIL'} |")
+        print(f"| {name} | build image (once, by the user) | {m['build']:.1f} s | | | |")
+    if args.out:
+        args.out.write_text(json.dumps({"samples": results, "medians": med}, indent=1,
+                                       default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
