@@ -19,7 +19,6 @@ Run as root: ``/opt/conda-stage/bin/python benchmarks/image.py [--reps N]``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -35,7 +34,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import benchenv  # noqa: E402
-from store import _Log, _job  # noqa: E402
+from store import _Log, _job, bench_args  # noqa: E402
 from conda_stage import image, jobstage  # noqa: E402
 from conda_stage.config import Config  # noqa: E402
 from conda_stage.privileges import Account, run_as  # noqa: E402
@@ -114,13 +113,7 @@ def measure(env: Path, account: Account, base: Path, reps: int, jupyter: bool,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args(argv)
-    if os.geteuid() != 0:
-        ap.error("run as root")
-    lay, site, user = benchenv.setup()
+    args, lay, site, user = bench_args(__doc__, argv)
     account = Account.lookup(user=user.name)
     small = site.create_env(user, "cs-image-small", packages=("python", "prefix-probe"))
     base = Path(tempfile.mkdtemp(prefix="cs-bench-image-", dir="/var/tmp"))

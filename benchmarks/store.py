@@ -146,14 +146,19 @@ echo "$t0 $t1"
     return samples
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_args(doc: str, argv=None):
+    """``--reps N --out FILE``, as root; then the benchmark's environments."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         ap.error("run as root")
-    lay, site, user = benchenv.setup()
+    return (args, *benchenv.setup())
+
+
+def main(argv=None) -> int:
+    args, lay, site, user = bench_args(__doc__, argv)
     env = lay.native_env
     stage_bin = Path(tempfile.mkdtemp(prefix="cs-bench-bin-", dir="/var/tmp"))
     os.chmod(stage_bin, 0o755)

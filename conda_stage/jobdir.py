@@ -307,7 +307,10 @@ def read_manifest(folder: Path, owners=(0,)) -> dict | None:
         os.close(fd)
 
 
-def _load_manifest(dir_fd: int, name: str, owners) -> dict | None:
+def read_owned_json(dir_fd: int, name: str, owners, limit: int):
+    """The JSON in ``name`` (in ``dir_fd``, not followed if a link) if it is
+    a regular file of one of ``owners``, not writable by group or others,
+    and at most ``limit`` bytes; else None."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                      dir_fd=dir_fd)
@@ -317,11 +320,19 @@ def _load_manifest(dir_fd: int, name: str, owners) -> dict | None:
         st = os.fstat(fh.fileno())
         if not stat.S_ISREG(st.st_mode) or st.st_uid not in owners or st.st_mode & 0o022:
             return None
-        data = fh.read(_MAX_MANIFEST + 1)
-    if len(data) > _MAX_MANIFEST:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
         return None
     try:
-        return check_manifest(json.loads(data))
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _load_manifest(dir_fd: int, name: str, owners) -> dict | None:
+    data = read_owned_json(dir_fd, name, owners, _MAX_MANIFEST)
+    try:
+        return None if data is None else check_manifest(data)
     except (ValueError, TypeError):
         return None
 

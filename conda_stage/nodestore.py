@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import StageError
-from .jobdir import UnsafeBase, _open_dir, _remove_at, open_base, write_at
+from .jobdir import UnsafeBase, _open_dir, _remove_at, open_base, read_owned_json, write_at
 
 USERS = "users"
 _ID = re.compile(r"^[0-9a-f]{16}$")
@@ -425,23 +425,12 @@ class UserStore:
 
 
 def _load(dir_fd: int, name: str) -> Record | None:
+    data = read_owned_json(dir_fd, name, (0,), _MAX_RECORD)
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     dir_fd=dir_fd)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
-            return None
-        data = fh.read(_MAX_RECORD + 1)
-    if len(data) > _MAX_RECORD:
-        return None
-    try:
-        rec = Record.from_json(json.loads(data))
+        rec = None if data is None else Record.from_json(data)
     except (ValueError, TypeError):
         return None
-    return rec if f"{rec.id}.json" == name else None
+    return rec if rec is not None and f"{rec.id}.json" == name else None
 
 
 def over_budget(store: NodeStore, all_records: list[Record], now: float) -> set[str]:
