@@ -118,6 +118,14 @@ def test_wrapper_defaults_agree_with_config():
     with tempfile.TemporaryDirectory() as tmp:
         made = new_parent(Path(tmp)).name
     assert '"/tmp/conda-stage-????????"' in text and fnmatch.fnmatch(made, "conda-stage-????????")
+    # The fast paths look for the manifests where the job folders' owner writes them:
+    # <state dir>/<job id>.json (Slurm), <state dir>/<job id>[.<task id>].json (SGE root@).
+    from conda_stage.jobdir import JobDir
+
+    assert JobDir("/b", "/s", "12").manifest_path == Path("/s/12.json")
+    assert JobDir("/b", "/s", "12.3").manifest_path == Path("/s/12.3.json")
+    assert '"$state_dir/${SLURM_JOB_ID:-none}.json"' in text
+    assert 'key=$key.$SGE_TASK_ID' in text and '"$state_dir/$key.json"' in text
 
 
 # ---------------------------------------------------------------- resolution
