@@ -78,18 +78,19 @@ def open_tarball(env: Env, lock_timeout: float | None = None,
         return Opened(tarball, side, fh)
 
 
-def _check_planted(env: Env, tarball, st: os.stat_result) -> None:
-    """A tarball or sidecar someone else could have put next to a shared
-    environment is not used: each must belong to the environment's owner or
-    to whoever stages it, and must not be writable by everyone."""
+def _check_planted(env: Env, tarball, st: os.stat_result, kind: str = "tarball") -> None:
+    """A tarball (or image, ``kind``) or its sidecar someone else could have
+    put next to a shared environment is not used: each must belong to the
+    environment's owner or to whoever stages it, and must not be writable
+    by everyone."""
     try:
         owners = {os.stat(env.prefix).st_uid, os.getuid()}
         side = os.stat(tarball.meta_path)
     except OSError:
         return  # gone meanwhile: the sidecar check reports it
-    for what, info in (("tarball", st), ("sidecar", side)):
+    for what, info in ((kind, st), (f"{kind}'s sidecar", side)):
         if info.st_uid not in owners or info.st_mode & 0o002:
-            path = tarball.path if what == "tarball" else tarball.meta_path
+            path = tarball.path if what == kind else tarball.meta_path
             raise StageError(f"Not using the {what} {printable(str(path))}: it belongs to uid "
                              f"{info.st_uid}, not to the environment's owner, or anyone may "
                              f"write it; repack with 'conda stage --pack --force {env.prefix}'")
@@ -254,7 +255,7 @@ def _mount_image(env: Env, folder: Path, name: str, tarball_st, mode: str, copy_
         output.info(f"Using the image mounted on this node: {target}")
         return Shared(target, cid, True, 0, 0, True)
     with open_regular(img.path, what="image") as fh:
-        _check_planted(env, img, os.fstat(fh.fileno()))
+        _check_planted(env, img, os.fstat(fh.fileno()), kind="image")
     os.makedirs(target.parent, mode=0o755, exist_ok=True)
     os.chmod(target.parent, 0o755)
     output.info(f"Mounting {output.describe_file(img.path)} at {target}")
