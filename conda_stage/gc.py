@@ -55,8 +55,6 @@ def collect(base: Path, *, dry_run: bool = False) -> list[Path]:
 def _dead_partials(base: Path):
     """``conda-stage-*/.NAME.partial-PID`` folders of the current user whose
     process is gone."""
-    import psutil
-
     uid = os.getuid()
     try:
         parents = [e for e in os.scandir(base) if e.name.startswith(PARENT_PREFIX)
@@ -70,8 +68,14 @@ def _dead_partials(base: Path):
             continue
         for entry in entries:
             m = _PARTIAL.match(entry.name)
-            if m and entry.is_dir(follow_symlinks=False) and not psutil.pid_exists(int(m.group(2))):
+            if m and entry.is_dir(follow_symlinks=False) and not _pid_exists(int(m.group(2))):
                 yield Path(entry.path)
+
+
+def _pid_exists(pid: int) -> bool:
+    import psutil  # here: the common case, nothing to collect, never needs it
+
+    return psutil.pid_exists(pid)
 
 
 def _remove_partial(path: Path) -> None:

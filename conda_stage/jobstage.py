@@ -30,6 +30,7 @@ from .job import Job
 from .jobdir import MANIFEST, UnsafeBase, check_manifest, one_line
 from .nodestore import NodeStore, holder
 from .privileges import ChildFailed, run_as
+from .procs import terminate_processes_under
 
 _GRACE = 15.0  # seconds past the budget before the staging child is killed
 
@@ -141,10 +142,18 @@ def _sweep(mine, account, log, label: str, *, deadline=None, keep=None, over=Non
     """(root, under the user's lock) Remove the user's copies nobody holds
     that are past their keep time (or over the disk budget), after stopping
     the user's processes still running from them."""
+    from .image import mounts_under
+
     doomed = mine.unused(keep=keep, over_budget=over)
-    if doomed:
+    folder = mine.store.user_folder(mine.uid)
+    gone = {r.id for r in doomed}
+    live = [r.path for r in mine.records().values() if r.id not in gone]
+    stray = [p for p in mounts_under(folder) if str(p) not in live]
+    if doomed or stray:
         try:
-            run_as(account, _terminate_under, [r.path for r in doomed], timeout=60)
+            run_as(account, _terminate_under,
+                   [str(mine.store.copy_folder(mine.uid, r.id)) for r in doomed],
+                   str(folder), live, timeout=60)
         except (ChildFailed, OSError) as exc:
             log.error(f"{label}: stopping processes before removing copies failed: "
                       f"{one_line(exc)}")
@@ -163,15 +172,25 @@ def _sweep(mine, account, log, label: str, *, deadline=None, keep=None, over=Non
     return removed
 
 
-def _terminate_under(paths: list) -> int:
-    """(user) Stop the user's processes running from ``paths``, then unmount
-    the images mounted there: the FUSE processes exit with their mounts."""
-    from .image import mounts_under, unmount
+def _terminate_under(paths: list, folder: str | None = None, live=()) -> int:
+    """(user) Stop the user's processes running from the copy folders
+    ``paths`` and unmount the images mounted there: the FUSE processes exit
+    with their mounts.  An image nothing uses is unmounted first (a busy one
+    would refuse), which leaves no process to look for but its FUSE process,
+    gone with it.  Then every other mount in the user's store ``folder``
+    but the ``live`` copies' goes too (the user's own, or an image moved
+    out of its copy folder): root removes nothing through a mount."""
+    from .image import mounts_under, unmount, unmount_all
 
-    stopped = sum(terminate_processes_under(Path(p)) for p in paths)
-    for p in paths:
-        for point in mounts_under(Path(p)):
-            unmount(point, listed=True)
+    stopped = 0
+    for path in map(Path, paths):
+        for point in mounts_under(path):
+            unmount(point, listed=True, lazy=False)
+        stopped += terminate_processes_under(path)
+    if folder is not None:
+        unmount_all(Path(folder), keep=set(live))
+    for path in map(Path, paths):
+        unmount_all(path)
     return stopped
 
 
@@ -440,6 +459,10 @@ def _teardown(workdir: str | None, remove: bool) -> dict:
     from .store import remove_tree
 
     killed = terminate_processes_under(Path(workdir)) if workdir else 0
+    if workdir:  # e.g. an image's folder the job moved in here
+        from .image import unmount_all
+
+        unmount_all(Path(workdir))
     if workdir and remove:
         remove_tree(Path(workdir))
     quiet = output.is_quiet()
@@ -449,44 +472,3 @@ def _teardown(workdir: str | None, remove: bool) -> dict:
     finally:
         output.configure(quiet=quiet)
     return {"killed": killed, "collected": [str(p) for p in collected]}
-
-
-def terminate_processes_under(folder: Path, grace: float = 3.0) -> int:
-    """Terminate this user's processes that run from, work in or hold open
-    files under ``folder``; SIGKILL those still alive after ``grace`` s."""
-    import psutil
-
-    root = str(folder).rstrip("/") + "/"
-    me = {os.getpid(), os.getppid()}
-    uid = os.getuid()
-
-    def inside(path: str | None) -> bool:
-        return bool(path) and (path + "/").startswith(root)
-
-    victims = []
-    for proc in psutil.process_iter(["pid", "uids", "exe", "cwd", "cmdline"]):
-        try:
-            info = proc.info
-            if info["pid"] in me or not info["uids"] or info["uids"].real != uid:
-                continue
-            hit = inside(info["exe"]) or inside(info["cwd"]) or any(
-                inside(a) for a in (info["cmdline"] or [])[:2])
-            if not hit:
-                hit = any(inside(f.path) for f in proc.open_files())
-            if hit:
-                victims.append(proc)
-        except (psutil.Error, OSError):
-            continue
-    for proc in victims:
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _gone, alive = psutil.wait_procs(victims, timeout=grace)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=grace)
-    return len(victims)

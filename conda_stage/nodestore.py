@@ -397,12 +397,15 @@ class UserStore:
             return []
 
     def remove_copy(self, cid: str, deadline: float | None = None) -> None:
-        """(root) Remove ``B/users/<uid>/<cid>`` through file descriptors."""
+        """(root) Remove ``B/users/<uid>/<cid>`` through file descriptors.
+        A user folder that is not what the prolog made (e.g. the user's own
+        mount over it) raises :class:`UnsafeBase`: the record stays, for
+        the next sweep, after the user's mounts are gone."""
         with self.store._fd(self.store.staging_dir, USERS) as users:
             try:
                 user = _open_dir(str(self.uid), users, str(self.store.user_folder(self.uid)))
-            except UnsafeBase:
-                return
+            except FileNotFoundError:
+                return  # nothing of the user's is left
             try:
                 _remove_at(user, cid, deadline)
             finally:

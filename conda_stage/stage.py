@@ -254,16 +254,26 @@ def _mount_image(env: Env, folder: Path, name: str, tarball_st, mode: str, copy_
     if os.path.ismount(target) and read_marker(target) is not None:
         output.info(f"Using the image mounted on this node: {target}")
         return Shared(target, cid, True, 0, 0, True)
-    with open_regular(img.path, what="image") as fh:
-        _check_planted(env, img, os.fstat(fh.fileno()), kind="image")
-    os.makedirs(target.parent, mode=0o755, exist_ok=True)
-    os.chmod(target.parent, 0o755)
-    output.info(f"Mounting {output.describe_file(img.path)} at {target}")
-    took = image.mount(img.path, target, deadline=deadline,
-                       copy_into=target.parent / f".image{image.SUFFIX}" if copy_image else None)
-    if read_marker(target) is None:
-        image.unmount(target)
-        raise StageError(f"the image {img.path} is not a conda-stage image of {env.prefix}")
+    try:
+        with open_regular(img.path, what="image") as fh:
+            _check_planted(env, img, os.fstat(fh.fileno()), kind="image")
+        os.makedirs(target.parent, mode=0o755, exist_ok=True)
+        os.chmod(target.parent, 0o755)
+        output.info(f"Mounting {output.describe_file(img.path)} at {target}")
+        took = image.mount(img.path, target, deadline=deadline, copy_into=target.parent / (
+            f".image{image.SUFFIX}") if copy_image else None)
+        if read_marker(target) is None:
+            raise StageError(f"the image {img.path} is not a conda-stage image of {env.prefix}")
+    except (StageError, OSError) as exc:  # a broken or planted image: the tarball may do
+        try:
+            image.unmount_all(target.parent)
+            remove_tree(target.parent)
+        except OSError:
+            pass  # an unrecorded folder in the store: the next sweep takes it
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        line = f"not mounting its image ({printable(why)}); extracting it instead"
+        output.warn(line)
+        return line
     output.info(f"Total mount time: {output.seconds(took)}")
     return Shared(target, cid, False, 0, 0, True)
 

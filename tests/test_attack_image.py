@@ -405,8 +405,8 @@ def no_fuse_left(atk) -> None:
 
 
 class Leftover(AssertionError):
-    """Something staged (or a FUSE mount, or its process) outlived the job:
-    what the xfail marks of known leftovers expect -- and nothing else."""
+    """Something staged (or a FUSE mount, or its process) outlived the job
+    (told apart from the security checks' failures)."""
 
 
 def verify(atk) -> None:
@@ -587,9 +587,6 @@ def test_a_corrupt_image_fails_cleanly(how, atk):
     told_once(out, one.name)
 
 
-@pytest.mark.xfail(strict=True, reason="a corrupt image is reported but not replaced by "
-                                       "extraction: the job runs without a copy (stage.py "
-                                       "_mount_image raises instead of returning a note)")
 def test_a_corrupt_image_falls_back_to_extraction(atk):
     attacker = atk.people.attacker
     one = atk.envs["one"]
@@ -663,32 +660,7 @@ def test_an_image_with_a_huge_tree_does_not_stall_the_epilog(atk):
 
 
 # ----------------------------------------------------------------- the user's own FUSE mounts
-def known_leftover(reason: str):
-    """An attack known to leave things behind (a product bug, reported):
-    the test must fail with a :class:`Leftover` and nothing else."""
-    return pytest.mark.xfail(strict=True, raises=Leftover, reason=reason)
-
-
-LEFT_NEXT_TO_COPY = known_leftover(
-    "_sweep unmounts only below the copy's <id>/<name>, then removes all of <id>/: a FUSE "
-    "mount next to the copy makes that fail (EACCES) in every hook; record, lock, folder stay")
-LEFT_OUTSIDE_IDS = known_leftover(
-    "a mount in users/<uid> outside any copy id folder is never unmounted (mounts_under only "
-    "looks below doomed copies); it, its FUSE process and users/<uid> stay after the job")
-LEFT_OVER_STORE = known_leftover(
-    "a FUSE mount over users/<uid> hides the image's mount: remove_copy returns silently on "
-    "UnsafeBase, 'removed' is logged, the record dropped, squashfuse_ll and the copy stay")
-LEFT_MOVED_MOUNT = known_leftover(
-    "the image's <id> folder moved (renamed to no id, or into the job folder's tmp) keeps its "
-    "mount: never unmounted, squashfuse_ll and the image copy outlive the job")
-LEFT_LAZY = known_leftover(
-    "a process that escaped the job and only maps a file of the mount (no fd, cwd or exe "
-    "there) is not stopped (/proc/PID/maps is not read): lazy unmount, squashfuse_ll runs on "
-    "while it lives")
-
-FUSE_PLACES = [pytest.param("next_to_the_mount", marks=LEFT_NEXT_TO_COPY), "unrecorded_id",
-               pytest.param("outside_an_id", marks=LEFT_OUTSIDE_IDS),
-               pytest.param("store_folder", marks=LEFT_OVER_STORE)]
+FUSE_PLACES = ["next_to_the_mount", "unrecorded_id", "outside_an_id", "store_folder"]
 
 
 def _mirror_line(where: str, src: Path, fs: str) -> str:
@@ -761,8 +733,7 @@ def test_a_hanging_fuse_mount_next_to_the_image_holds_no_hook(atk):
 
 # ----------------------------------------------------------------- the mount moved or swapped
 SWAPS = ["mountpoint_to_victims_home", "id_to_decoy",
-         pytest.param("id_renamed", marks=LEFT_MOVED_MOUNT),
-         pytest.param("into_job_tmp", marks=LEFT_MOVED_MOUNT)]
+         "id_renamed", "into_job_tmp"]
 
 
 @pytest.mark.parametrize("how", SWAPS)
@@ -793,7 +764,7 @@ def test_the_mount_swapped_or_moved_between_prolog_and_epilog(how, atk):
 
 
 # ----------------------------------------------------------------- the mount kept busy
-HOLDERS = ["cwd", "open_file", "dir_fd", pytest.param("mapped", marks=LEFT_LAZY)]
+HOLDERS = ["cwd", "open_file", "dir_fd", "mapped"]
 
 
 @pytest.mark.parametrize("holder", HOLDERS)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conda_stage.image import Image, mount_prefix_for, mounts_under
+from conda_stage.image import Image, fuse_mounts_under, mount_prefix_for, mounts_under
 from conda_stage.resolve import Env
 
 
@@ -53,18 +53,26 @@ def test_a_sidecar_conda_stage_did_not_write_is_ignored(image, bad):
     assert "there is no image" in img.usable(st, meta["mount_prefix"])
 
 
-def test_mounts_under_lists_fuse_mounts_deepest_first(monkeypatch, tmp_path):
-    table = tmp_path / "mountinfo"
-    table.write_text(
-        "36 25 0:32 / /var/lib/cs/users/1000/aa/jup ro,nosuid - fuse.squashfuse_ll x ro\n"
-        "37 25 0:33 / /var/lib/cs/users/1000/aa/jup/sub rw - fuse.other y rw\n"
-        "38 25 0:34 / /var/lib/cs/users/10001/bb/jup rw - fuse.squashfuse_ll z ro\n"
-        "39 25 0:35 / /var/lib/cs/users/1000/with\\040space rw - fuse.squashfuse_ll z ro\n"
-        "40 25 0:36 / /var/lib/cs/users/1000/t rw - tmpfs tmpfs rw\n")
-    real = Path.read_text
-    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: real(
-        table if str(self) == "/proc/self/mountinfo" else self, *a, **k))
-    found = mounts_under(Path("/var/lib/cs/users/1000"))
+def test_mounts_under_lists_fuse_mounts_deepest_first():
+    table = (
+        b"36 25 0:32 / /var/lib/cs/users/1000/aa/jup ro,nosuid - fuse.squashfuse_ll x ro\n"
+        b"37 25 0:33 / /var/lib/cs/users/1000/aa/jup/sub rw - fuse.other y rw\n"
+        b"38 25 0:34 / /var/lib/cs/users/10001/bb/jup rw - fuse.squashfuse_ll z ro\n"
+        b"39 25 0:35 / /var/lib/cs/users/1000/with\\040space rw - fuse.squashfuse_ll z ro\n"
+        b"40 25 0:36 / /var/lib/cs/users/1000/t rw - tmpfs tmpfs rw\n")
+    found = fuse_mounts_under(table, Path("/var/lib/cs/users/1000"))
     assert found == [Path("/var/lib/cs/users/1000/aa/jup/sub"),
                      Path("/var/lib/cs/users/1000/with space"),
                      Path("/var/lib/cs/users/1000/aa/jup")]
+
+
+def test_fuse_mounts_under_reads_escaped_and_non_ascii_mount_points():
+    info = (b"36 25 0:32 / /s/users/5/a\\040b rw,nosuid - fuse.squashfuse_ll x ro\n"
+            b"37 25 0:33 / /s/users/5/\xc3\xa9t\xc3\xa9\\012x rw - fuse.slowfs y rw\n"
+            b"38 25 0:34 / /s/users/5/abc/deep rw - fuse.squashfuse_ll z ro\n"
+            b"39 25 0:35 / /s/users/50 rw - fuse.squashfuse_ll z ro\n"
+            b"40 25 0:36 / /s/users/5/tmpfs rw - tmpfs tmpfs rw\n")
+    got = fuse_mounts_under(info, Path("/s/users/5"))
+    assert got == [Path("/s/users/5/abc/deep"), Path("/s/users/5/\u00e9t\u00e9\nx"),
+                   Path("/s/users/5/a b")]
+    assert fuse_mounts_under(info, Path("/s/users/50/")) == [Path("/s/users/50")]

@@ -4,7 +4,7 @@ import shutil
 import subprocess
 import time
 
-from conda_stage.jobstage import terminate_processes_under
+from conda_stage.procs import terminate_processes_under
 from conda_stage.store import remove_tree
 
 
@@ -19,7 +19,8 @@ def test_processes_running_from_a_folder_are_terminated(tmp_path):
     outside = subprocess.Popen(["sleep", "600"], start_new_session=True)
     try:
         time.sleep(0.3)
-        assert terminate_processes_under(tmp_path / "envs", grace=1.0) == 2
+        # 2, or 3 with the stubborn loop's 'sleep 0.1' of the moment (it works there too)
+        assert terminate_processes_under(tmp_path / "envs", grace=1.0) in (2, 3)
         assert inside.wait(timeout=5) is not None
         assert stubborn.wait(timeout=5) is not None
         assert outside.poll() is None
