@@ -119,6 +119,41 @@ def _record(i: int, rec) -> list:
     return [path, placeholder, mode]
 
 
+_BAD_PATH = ("\0\0", "\0/", "//", "/\0", "\0.\0", "\0./", "/./", "/.\0",
+             "\0..\0", "\0../", "/../", "/..\0")
+
+
+def _records_fast(records: list) -> list | None:
+    """The records, when every one of them is well-formed -- checked all at
+    once on joined strings (a 10k-record sidecar in a few ms instead of
+    ~80 ms); None otherwise, and :func:`_record` then finds the first bad
+    one and says why.  Accepts exactly what :func:`_record` accepts."""
+    if not records:
+        return []
+    if not all(type(r) is list and len(r) == 3 for r in records):
+        return None
+    try:
+        paths, placeholders, modes = zip(*records)
+        if not (set(map(type, paths)) <= {str} and set(map(type, placeholders)) <= {str}
+                and set(modes) <= set(_RECORD_MODES)):
+            return None
+        joined = "\0" + "\0".join(paths) + "\0"
+        phs = "\0" + "\0".join(placeholders) + "\0"
+        # NULs: a record's own NUL would show as one too many separators
+        if (joined.count("\0") != len(paths) + 1 or phs.count("\0") != len(placeholders) + 1
+                or any(bad in joined for bad in _BAD_PATH)
+                or phs.count("\0/") != len(placeholders) or "\0/\0" in phs):
+            return None
+        joined.encode("utf-8", "surrogateescape")
+        phs.encode("utf-8")  # strict
+    except (TypeError, UnicodeEncodeError):  # unhashable modes, lone surrogates
+        return None
+    longest = max(map(len, paths + placeholders), default=0)
+    if 4 * longest > MAX_TEXT:  # maybe longer than MAX_TEXT bytes: the slow path measures
+        return None
+    return records
+
+
 def parse_meta(data: bytes) -> Meta:
     """The :class:`Meta` in sidecar bytes, checked field by field.
 
@@ -169,7 +204,7 @@ def parse_meta(data: bytes) -> Meta:
         raise MalformedSidecar(f"records must be a list, not {_show(records)}")
     if len(records) > MAX_RECORDS:
         raise MalformedSidecar(f"it has more than {MAX_RECORDS} records")
-    records = [_record(i, r) for i, r in enumerate(records)]
+    records = _records_fast(records) or [_record(i, r) for i, r in enumerate(records)]
     return Meta(format=fmt, archive=archive, pack_seconds=float(seconds), records=records,
                 meta_version=version, **ints, **texts)
 
