@@ -17,10 +17,13 @@ import builtins
 import contextlib
 import datetime
 import io
+import mmap
 import os
 import re
 import stat
 import struct
+import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -122,6 +125,202 @@ def _on_shared_fs(path) -> bool:
     return fstype is not None and fstype not in _LOCAL_FS
 
 
+# The prefetcher: a child process (an interpreter of its own, so no GIL
+# shared with the packer) that asks the kernel to read the files ahead with
+# posix_fadvise(WILLNEED): the reads are queued, many at once, and the call
+# returns at once.  With cold caches on a local disk the packer otherwise
+# waits for the disk at each of ~17,000 small files, one after the other.
+# Phase 1 walks the environment while conda-pack scans it; once the packer's
+# list is there (phase 2) it follows that order, at most its budget of bytes
+# ahead of the file being packed.  It only opens files for reading.
+_PREFETCH_CHILD = r"""
+import mmap, os, stat, struct, sys, time
+prefix, budget, fd = os.fsencode(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+shm = mmap.mmap(fd, 4096)
+parent = os.getppid()
+FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+WILLNEED = os.POSIX_FADV_WILLNEED
+IGNORE = {b"pkgs", b"envs", b"conda-bld", b".conda_lock", b"users", b"conda-recipes",
+          b".index", b".unionfs", b".nonadmin", b"python.app", b"Launcher.app"}
+done = set()
+used = 0
+CHECK = 512 if hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv") else 0
+
+def field(i):
+    return struct.unpack_from("q", shm, 8 * i)[0]
+
+def gone():
+    return field(2) or os.getppid() != parent
+
+probe = bytearray(1)
+checked = cached = 0
+
+def warm(path, limit):
+    # queue the reads of a regular file's first `limit` bytes; how many
+    global checked, cached
+    try:
+        f = os.open(path, FLAGS)
+    except OSError:
+        return 0
+    try:
+        st = os.fstat(f)
+        n = min(st.st_size, limit)
+        if not stat.S_ISREG(st.st_mode) or n <= 0:
+            return 0
+        if checked < CHECK:  # is its first page in the page cache already?
+            checked += 1
+            try:
+                os.preadv(f, [probe], 0, os.RWF_NOWAIT)
+                cached += 1
+            except OSError:
+                pass
+        os.posix_fadvise(f, 0, n, WILLNEED)
+        return n
+    except OSError:
+        return 0
+    finally:
+        os.close(f)
+
+def warm_already():
+    # the first CHECK files were all in the page cache: so is the rest, most
+    # likely (just installed, or packed a moment ago); prefetching would only
+    # take CPU time from the compressor
+    return checked == CHECK and cached == CHECK
+
+def phase1():
+    global used
+    stack, k = [prefix], 0
+    while stack:
+        top = stack.pop()
+        try:
+            it = os.scandir(top)
+        except OSError:
+            continue
+        with it:
+            for e in it:
+                k += 1
+                if not k % 64 and (field(1) or gone()):
+                    return
+                try:
+                    if e.is_dir(follow_symlinks=False):
+                        if top != prefix or e.name not in IGNORE:
+                            stack.append(e.path)
+                    elif e.is_file(follow_symlinks=False):
+                        used += warm(e.path, budget - used)
+                        done.add(e.path)
+                        if used >= budget or CHECK and warm_already():
+                            return
+                except OSError:
+                    pass
+
+def phase2():
+    while not field(1):
+        if gone():
+            return
+        time.sleep(0.005)
+    size, data = field(1) - 1, b""
+    while len(data) < size:
+        piece = os.pread(fd, size - len(data), 4096 + len(data))
+        if not piece:
+            return
+        data += piece
+    cum = [0]
+    for j, path in enumerate(data.split(b"\0") if size else ()):
+        while cum[-1] - cum[min(max(field(0), 0), j)] > budget:
+            if gone():
+                return
+            time.sleep(0.002)
+        if not j % 64 and gone():
+            return
+        behind = j < field(0) or path in done  # packed already, or queued in phase 1
+        cum.append(cum[-1] + (0 if behind else warm(path, budget)))
+        if CHECK and warm_already():
+            return
+
+phase1()
+if not (CHECK and warm_already()):
+    phase2()
+"""
+
+
+def _prefetch_budget() -> int:
+    """Bytes the prefetcher may read ahead: a quarter of the available
+    memory, between 64 MiB and 1 GiB."""
+    avail = 0
+    try:
+        with open("/proc/meminfo", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    return max(64 << 20, min(1 << 30, avail // 4))
+
+
+class _Prefetch:
+    """The prefetcher, seen from the packer: ``follow(paths)`` hands over
+    the order the packer reads the files in, ``at(i)`` says which one it is
+    packing.  A hint and nothing more: when it cannot run, nothing is
+    prefetched."""
+
+    def __init__(self, prefix: str):
+        self._shm = None
+        self._fd = os.memfd_create("pack-prefetch", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self._fd, 4096)
+            self._shm = mmap.mmap(self._fd, 4096)
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-B", "-c", _PREFETCH_CHILD, prefix,
+                 str(_prefetch_budget()), str(self._fd)],
+                pass_fds=(self._fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, cwd="/")
+        except BaseException:
+            self._release()
+            raise
+
+    @classmethod
+    def start(cls, prefix: str) -> "_Prefetch | None":
+        if not sys.executable or not hasattr(os, "posix_fadvise") \
+                or not hasattr(os, "memfd_create"):
+            return None
+        try:
+            return cls(prefix)
+        except (OSError, ValueError, subprocess.SubprocessError):
+            return None
+
+    def follow(self, paths) -> None:
+        if self._shm is None:
+            return
+        data = b"\0".join(os.fsencode(p) for p in paths)
+        try:
+            os.pwrite(self._fd, data, 4096)
+        except OSError:
+            self.close()
+            return
+        struct.pack_into("q", self._shm, 8, len(data) + 1)
+
+    def at(self, i: int) -> None:
+        struct.pack_into("q", self._shm, 0, i)
+
+    def _release(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def close(self) -> None:
+        if self._shm is None:
+            return
+        struct.pack_into("q", self._shm, 16, 1)  # stop
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        self._release()
+
+
 def _read_whole(path: str) -> bytes:
     """The contents of a file, as ``open(path, 'rb').read()`` without the
     file objects (conda-pack reads most files of an environment this way)."""
@@ -182,6 +381,79 @@ def _conda_pack_reads_from(ahead: _ReadAhead | None):
     finally:
         del core.open
         core.is_binary_file = original
+
+
+# conda-pack's scan (``CondaEnv.from_prefix``) is serial work before the
+# first byte can be compressed.  Two of its helpers, as fast: the listing of
+# the environment (``load_files``: ``os.walk`` with a ``relpath``, a ``join``
+# and an ``islink`` per folder, a ``join`` per file) and the test whether a
+# file is bytecode of a conda-managed source (``find_py_source``, an
+# exception for every file that is not in a ``__pycache__`` folder).
+_SCAN_IGNORE = frozenset(("pkgs", "envs", "conda-bld", ".conda_lock", "users", "conda-recipes",
+                          ".index", ".unionfs", ".nonadmin", "python.app", "Launcher.app"))
+
+
+def _load_files(prefix: str) -> set:
+    """``conda_pack.core.load_files``: every file, symlink, symlink to a
+    folder and empty folder below ``prefix``, relative to it (as os.walk
+    sees them: folders that cannot be listed are left out)."""
+    res = set()
+    stack = []
+    for fn in os.listdir(prefix):
+        if fn in _SCAN_IGNORE or fn.endswith("~") or fn.endswith(".DS_STORE"):
+            continue
+        path = os.path.join(prefix, fn)
+        if os.path.isfile(path) or os.path.islink(path):
+            res.add(fn)
+        else:
+            stack.append((fn, path))
+    add = res.add
+    while stack:
+        rel, path = stack.pop()
+        try:
+            it = os.scandir(path)
+        except OSError:
+            continue
+        empty = True
+        with it:
+            for entry in it:
+                empty = False
+                try:
+                    is_dir = entry.is_dir()  # through symlinks, as os.walk
+                except OSError:
+                    is_dir = False
+                name = rel + "/" + entry.name
+                if not is_dir:
+                    add(name)
+                elif entry.is_symlink():
+                    add(name)  # a symlink to a folder: packed as the symlink
+                else:
+                    stack.append((name, path + "/" + entry.name))
+        if empty:
+            add(rel)
+    return res
+
+
+@contextlib.contextmanager
+def _fast_scan():
+    """conda-pack's ``load_files`` and ``find_py_source`` replaced by the
+    equivalents above while it scans the environment."""
+    import conda_pack.core as core
+
+    original = core.find_py_source
+
+    def find_py_source(path, ignore=True):
+        if ignore and sys.pycache_prefix is None and "__pycache__" not in path:
+            return None  # what importlib's source_from_cache raises for
+        return original(path, ignore)
+
+    core.load_files, loader = _load_files, core.load_files
+    core.find_py_source = find_py_source
+    try:
+        yield
+    finally:
+        core.load_files = loader
+        core.find_py_source = original
 
 
 # What tarfile writes in PAX format for the members packed here: a ustar
@@ -353,25 +625,31 @@ class _TarWriter:
             raise PackError(f"Cannot pack {source}: not a regular file, folder or symlink")
         return ti
 
-    def add(self, source: str, target: str) -> None:
+    def add(self, source: str, target: str, st=None, data=None) -> None:
+        """``source`` as ``target``; ``st``: its ``lstat`` if the caller has
+        it, ``data``: its contents if the caller read them."""
         if self._repair is not None and self._repair.defer(target):
-            if self._ahead is not None:
+            if self._ahead is not None and st is None:
                 self._ahead.take(source)  # not needed: frees its place in the window
             return  # a stale .pyc: its fresh replacement is added at the end
-        self._add(source, target)
+        self._add(source, target, st, data)
 
-    def _add(self, source: str, target: str) -> None:
-        got = self._ahead.take(source) if self._ahead is not None else None
-        ti = self._info(source, target, got[0] if got else None)
+    def _add(self, source: str, target: str, st=None, data=None) -> None:
+        if st is None and self._ahead is not None:
+            got = self._ahead.take(source)
+            if got is not None:
+                st, data = got
+        ti = self._info(source, target, st)
         if ti.type != tarfile.REGTYPE:
             self._member(ti)
-        elif got is not None and got[1] is not None:
-            self._member(ti, got[1])
+        elif data is not None and len(data) == ti.size:
+            self._member(ti, data)
         else:
             self._file_member(ti, source)
 
-    def add_bytes(self, source: str, data: bytes, target: str) -> None:
-        st = self._ahead.taken_stat(source) if self._ahead is not None else None
+    def add_bytes(self, source: str, data: bytes, target: str, st=None) -> None:
+        if st is None and self._ahead is not None:
+            st = self._ahead.taken_stat(source)
         ti = self._info(source, target, st)
         ti.type, ti.size, ti.linkname = tarfile.REGTYPE, len(data), ""
         self._member(ti, data)
@@ -399,6 +677,76 @@ class _TarWriter:
             self._emit(tarfile.NUL * (tarfile.RECORDSIZE - rest))
         self._flush()
         return size
+
+
+def _read_file(path: str, size: int) -> bytes:
+    """The contents of a file on a local disk whose ``lstat`` said ``size``
+    bytes: one read of ``size + 1`` (a shorter read there is the end of the
+    file); a file that grew meanwhile is read to its end."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, size + 1)
+        if len(data) <= size:
+            return data
+        parts = [data]
+        while True:
+            piece = os.read(fd, 1 << 20)
+            if not piece:
+                return b"".join(parts)
+            parts.append(piece)
+    finally:
+        os.close(fd)
+
+
+def _adder(packer, writer: _TarWriter):
+    """``packer.add`` (conda-pack's ``Packer.add``) with one ``lstat`` per
+    file, handed on to the tar writer, instead of its ``isdir``, ``islink``
+    and the writer's own ``lstat`` (and for the files it reads, an ``fstat``
+    and a read more): the same members, the same prefix records.  The
+    conda-meta records and anything unusual go to ``packer.add`` itself."""
+    import conda_pack.core as core
+
+    if core.on_win or packer.has_dest:
+        return packer.add
+    prefix, bin_dir, ahead = packer.prefix, core.BIN_DIR, writer._ahead
+    prefixes, rewrite_shebang = packer.prefixes, core.rewrite_shebang
+
+    def add(f) -> None:
+        mode, source, target = f.file_mode, f.source, f.target
+        if mode is None:
+            if target.startswith("conda-meta/") and target.endswith(".json"):
+                packer.add(f)  # fnmatch 'conda-meta/*.json': rewritten by conda-pack
+            else:
+                writer.add(source, target)
+            return
+        if mode not in ("text", "binary", "unknown"):
+            packer.add(f)  # conda-pack's error
+            return
+        got = ahead.take(source) if ahead is not None else None
+        st, data = got if got is not None else (os.lstat(source), None)
+        if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
+            writer.add(source, target, st)
+            return
+        placeholder = f.prefix_placeholder
+        if not (mode == "unknown" or mode == "text" and target.startswith(bin_dir)):
+            writer.add(source, target, st, data)
+            prefixes.append((target, placeholder, mode))
+            return
+        if data is None:
+            data = _read_whole(source) if ahead is not None else _read_file(source, st.st_size)
+        if mode == "unknown":
+            placeholder = prefix
+            if not _is_binary_file(data):
+                mode = "text"
+        if mode != "unknown":
+            fixed = False
+            if mode == "text" and target.startswith(bin_dir):
+                data, fixed = rewrite_shebang(data, target, placeholder)
+            if not fixed:
+                prefixes.append((target, placeholder, mode))
+        writer.add_bytes(source, data, target, st)
+
+    return add
 
 
 @contextlib.contextmanager
@@ -459,20 +807,29 @@ def _pack_locked(tarball: Tarball, fmt: str, level, threads, ignore_missing_file
     if (env.prefix / "pkgs").is_dir():
         output.warn(f"{env.prefix / 'pkgs'} is not packed (conda-pack never packs an "
                     f"environment-local package cache)")
-    fp = fingerprint(env.prefix)
     t0 = time.monotonic()
-    # The environment's Python (for fresh .pyc files) starts while conda-pack
-    # reads the environment.
-    repair = bytecode.PackRepair.start(env.prefix)
+    # On a local disk the prefetcher reads the files ahead, from now on
+    # (on a shared filesystem threads of this process read them: _ReadAhead).
+    shared = _on_shared_fs(env.prefix)
+    prefetch = None if shared else _Prefetch.start(str(env.prefix))
+    repair = None
     try:
-        return _pack_files(tarball, fmt, level, threads, ignore_missing_files, fp, t0, repair)
+        fp = fingerprint(env.prefix)
+        # The environment's Python (for fresh .pyc files) starts while
+        # conda-pack reads the environment.
+        repair = bytecode.PackRepair.start(env.prefix)
+        return _pack_files(tarball, fmt, level, threads, ignore_missing_files, fp, t0, repair,
+                           shared, prefetch)
     finally:
         if repair is not None:
             repair.close()
+        if prefetch is not None:
+            prefetch.close()
 
 
 def _pack_files(tarball: Tarball, fmt: str, level, threads, ignore_missing_files, fp, t0,
-                repair: bytecode.PackRepair | None) -> Meta:
+                repair: bytecode.PackRepair | None, shared: bool,
+                prefetch: _Prefetch | None) -> Meta:
     import conda_pack
     from conda_pack.core import CondaPackException, Packer
 
@@ -480,8 +837,9 @@ def _pack_files(tarball: Tarball, fmt: str, level, threads, ignore_missing_files
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            cenv = conda_pack.CondaEnv.from_prefix(
-                str(env.prefix), ignore_missing_files=ignore_missing_files)
+            with _fast_scan():
+                cenv = conda_pack.CondaEnv.from_prefix(
+                    str(env.prefix), ignore_missing_files=ignore_missing_files)
         except CondaPackException as exc:
             raise _explain(exc, env) from None
     for w in caught:
@@ -495,7 +853,8 @@ def _pack_files(tarball: Tarball, fmt: str, level, threads, ignore_missing_files
         with os.fdopen(fd, "wb") as fh:
             stream = formats.compressor(fh, fmt, level, threads)
             files = list(cenv.files)
-            shared = _on_shared_fs(env.prefix)
+            if prefetch is not None:
+                prefetch.follow([f.source for f in files])
             if repair is not None and not repair.plan(files, threads=_READ_AHEAD_THREADS
                                                       if shared else 1):
                 repair = None
@@ -504,9 +863,12 @@ def _pack_files(tarball: Tarball, fmt: str, level, threads, ignore_missing_files
             packer = Packer(str(env.prefix), writer)
             with output.Progress("Packing", len(files)) as bar, _closing(ahead), \
                     _conda_pack_reads_from(ahead):
-                for f in files:
+                add = _adder(packer, writer)
+                for i, f in enumerate(files):
+                    if prefetch is not None:
+                        prefetch.at(i)
                     try:
-                        packer.add(f)
+                        add(f)
                     except FileNotFoundError as exc:
                         raise PackError(f"Cannot pack {env.prefix}: {exc.filename} vanished "
                                         f"while packing; is conda or pip changing the "

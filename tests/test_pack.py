@@ -10,6 +10,7 @@ import io
 import os
 import random
 import stat
+import subprocess
 import tarfile
 
 import pytest
@@ -269,3 +270,156 @@ def test_big_files_survive_a_compressor_that_keeps_references(tmp_path, fmt, mon
     with formats.decompressor(io.BytesIO(buf.getvalue()), fmt) as data:
         extract(data, str(dest), writable=True)
     assert (dest / "huge.bin").read_bytes() == src.read_bytes()
+
+
+def _conda_files(root):
+    """_files plus what conda's own packages bring: text and binary files with
+    a prefix placeholder (recorded, not read), a script in bin/ (read, its
+    shebang rewritten), a symlink and a folder with a file mode."""
+    base = _files(root)
+    (root / "bin" / "conda-tool").write_text("#!/opt/placeholder/bin/python3\nimport x\n")
+    (root / "bin" / "binder").write_text("plain text in bin, no shebang\n")
+    (root / "lib" / "conf.txt").write_text("prefix=/opt/placeholder\n")
+    (root / "lib" / "libx.so").write_bytes(b"\x00/opt/placeholder\x00" + os.urandom(100))
+    (root / "lib" / "sub").mkdir()
+    extra = [File(str(root / "bin" / "conda-tool"), "bin/conda-tool", prefix_placeholder="/opt/placeholder",
+                  file_mode="text"),
+             File(str(root / "bin" / "binder"), "bin/binder", prefix_placeholder="/opt/placeholder",
+                  file_mode="text"),
+             File(str(root / "lib" / "conf.txt"), "lib/conf.txt", prefix_placeholder="/opt/placeholder",
+                  file_mode="text"),
+             File(str(root / "lib" / "libx.so"), "lib/libx.so", prefix_placeholder="/opt/placeholder",
+                  file_mode="binary"),
+             File(str(root / "bin" / "python"), "bin/python-again", prefix_placeholder="/opt/placeholder",
+                  file_mode="text"),
+             File(str(root / "lib" / "sub"), "lib/sub", prefix_placeholder=None, file_mode="unknown")]
+    return base + extra
+
+
+def test_adder_packs_what_conda_packs_packer_does(tree):
+    """pack._adder (one lstat per file) against conda-pack's own Packer.add:
+    the same tar, byte for byte, the same prefix records and package list."""
+    files = _conda_files(tree)
+    out = {}
+    for how in ("packer", "adder"):
+        buf = io.BytesIO()
+        writer = pack._TarWriter(buf)
+        packer = Packer(str(tree), writer)
+        add = packer.add if how == "packer" else pack._adder(packer, writer)
+        with pack._conda_pack_reads_from(None):
+            for f in files:
+                add(f)
+        writer.close()
+        out[how] = buf.getvalue(), packer.prefixes, packer.packages
+    assert out["adder"] == out["packer"]
+    prefixes = out["adder"][1]
+    assert ("lib/conf.txt", "/opt/placeholder", "text") in prefixes
+    assert ("lib/libx.so", "/opt/placeholder", "binary") in prefixes
+    assert ("bin/binder", "/opt/placeholder", "text") in prefixes
+    assert not any(t == "bin/conda-tool" for t, _p, _m in prefixes)  # shebang rewritten
+    with tarfile.open(fileobj=io.BytesIO(out["adder"][0])) as tar:
+        assert tar.extractfile("bin/conda-tool").read().startswith(b"#!/usr/bin/env python3\n")
+        assert tar.getmember("bin/python-again").issym() and tar.getmember("lib/sub").isdir()
+
+
+def test_adder_file_that_vanished_is_file_not_found(tree):
+    writer = pack._TarWriter(io.BytesIO())
+    add = pack._adder(Packer(str(tree), writer), writer)
+    for mode in (None, "unknown", "text"):
+        with pytest.raises(FileNotFoundError):
+            add(File(str(tree / "gone"), "gone", is_conda=False, prefix_placeholder=None,
+                     file_mode=mode))
+
+
+def test_read_file_reads_to_the_end(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 5000)
+    assert pack._read_file(str(path), 5000) == b"x" * 5000
+    assert pack._read_file(str(path), 100) == b"x" * 5000  # it grew since its lstat
+    assert pack._read_file(str(path), 9000) == b"x" * 5000  # it shrank
+    path.write_bytes(b"")
+    assert pack._read_file(str(path), 0) == b""
+
+
+def test_prefetcher_runs_to_its_end_and_writes_nothing(tree):
+    """The prefetch child walks the tree, follows the packer's list to the
+    end and exits 0 (its errors would otherwise go unseen: its stderr is
+    /dev/null); nothing in the tree changes."""
+    os.mkfifo(tree / "lib" / "fifo")  # never opened for long: O_NONBLOCK, not a regular file
+    before = {p: (p.lstat().st_mtime_ns, p.lstat().st_size) for p in tree.rglob("*")}
+    files = [f.source for f in _files(tree)] + [str(tree / "lib" / "fifo"), str(tree / "missing")]
+    pf = pack._Prefetch.start(str(tree))
+    assert pf is not None
+    pf.follow(files)
+    pf.at(len(files))
+    assert pf._proc.wait(30) == 0
+    pf.close()
+    pf.close()
+    assert pf._shm is None
+    assert {p: (p.lstat().st_mtime_ns, p.lstat().st_size) for p in tree.rglob("*")} == before
+
+
+def test_prefetcher_stays_within_its_budget_of_the_packer(tree, monkeypatch):
+    """In phase 2 it waits for the packer when it is its budget ahead, and
+    is stopped by close() while waiting."""
+    monkeypatch.setattr(pack, "_prefetch_budget", lambda: 1)
+    files = [str(tree / "lib" / "big.bin")] * 3 + [f.source for f in _files(tree)]
+    pf = pack._Prefetch.start(str(tree))
+    pf.follow(files)
+    with pytest.raises(subprocess.TimeoutExpired):
+        pf._proc.wait(0.5)  # waiting for the packer to move
+    pf.close()
+    assert pf._proc.returncode is not None
+
+
+def test_scan_lists_what_conda_pack_lists(tree):
+    """pack._load_files against conda-pack's load_files: symlinks to files
+    and folders (not followed), broken symlinks, empty folders, folders
+    that cannot be listed, the names conda-pack ignores at the top."""
+    (tree / "lib" / "empty").mkdir()
+    (tree / "lib" / "deeper" / "empty2").mkdir(parents=True)
+    (tree / "lib" / "dirlink").symlink_to("deeper")
+    (tree / "lib" / "broken").symlink_to("nowhere")
+    (tree / "toplink").symlink_to("lib")
+    (tree / "topfile~").write_text("x")
+    (tree / "pkgs" / "p").mkdir(parents=True)
+    (tree / "pkgs" / "p" / "f").write_text("x")
+    (tree / "envs").mkdir()
+    (tree / "README").write_text("x")
+    (tree / "lib" / "closed").mkdir()
+    (tree / "lib" / "closed" / "f").write_text("x")
+    os.chmod(tree / "lib" / "closed", 0)
+    try:
+        ours = pack._load_files(str(tree))
+        assert ours == cp_core.load_files(str(tree))
+    finally:
+        os.chmod(tree / "lib" / "closed", 0o755)
+    assert {"lib/empty", "lib/deeper/empty2", "lib/dirlink", "lib/broken", "toplink",
+            "README", "bin/python", "lib/a.so"} <= ours
+    assert not any(p.startswith(("pkgs", "envs", "topfile")) for p in ours)
+
+
+def test_fast_scan_is_conda_packs_and_is_undone(tree):
+    loader, finder = cp_core.load_files, cp_core.find_py_source
+    names = ["lib/__pycache__/a.cpython-311.pyc", "lib/a.py", "a/b/c.txt", "__pycache__x/y.pyc",
+             "lib/__pycache__/notpyc", "lib/__pycache__/a.pyc", "__pycache__/m.cpython-311.opt-1.pyc"]
+    with pack._fast_scan():
+        assert cp_core.load_files is pack._load_files
+        for name in names:
+            assert cp_core.find_py_source(name) == finder(name), name
+    assert (cp_core.load_files, cp_core.find_py_source) == (loader, finder)
+
+
+def test_prefetcher_stops_by_itself_when_the_files_are_cached(tree):
+    """Files just written are in the page cache: after the first 512 of them
+    the child stops (it would only take CPU time from the compressor),
+    without waiting for the packer's list."""
+    many = tree / "many"
+    many.mkdir()
+    for i in range(600):
+        (many / f"f{i}").write_bytes(b"x" * 100)
+    pf = pack._Prefetch.start(str(tree))
+    try:
+        assert pf._proc.wait(30) == 0
+    finally:
+        pf.close()
