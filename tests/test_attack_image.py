@@ -32,7 +32,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import time
@@ -42,10 +41,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-pytest.register_assert_rewrite("tests.harness.attack")
+pytest.register_assert_rewrite("tests.harness.attack", "tests.harness.image")
 
 from tests.harness import attack as A  # noqa: E402
+from tests.harness import image as img  # noqa: E402
+from tests.harness.image import fuse_mounts, image_file, image_meta, image_sidecar  # noqa: E402
+from tests.harness.sitecfg import sge_hook_files, slurm_hook_files  # noqa: E402
 from tests.harness.users import TEST_BASE, run_as  # noqa: E402
+from tests.test_attack_sge import SgeAttack  # noqa: E402
+from tests.test_attack_slurm import SlurmAttack  # noqa: E402
 
 pytestmark = [pytest.mark.slurm, pytest.mark.conda]
 
@@ -60,45 +64,16 @@ HOOK_PYTHON = "/opt/conda-stage/bin/python"   # has mfusepy, readable by all
 
 
 # ----------------------------------------------------------------- helpers
-def sqfs(env) -> Path:
-    return env.prefix.parent / f"{env.name}.sqfs"
-
-
-def sqfs_meta_path(env) -> Path:
-    return env.prefix.parent / f"{env.name}.sqfs.json"
-
-
-def sqfs_meta(env) -> dict:
-    return json.loads(sqfs_meta_path(env).read_text())
-
-
 def edit_image_meta(env, owner, **updates) -> dict:
-    meta = sqfs_meta(env)
+    meta = image_meta(env)
     meta.update(updates)
-    A.write_as(sqfs_meta_path(env), json.dumps(meta, indent=1), owner)
+    A.write_as(image_sidecar(env), json.dumps(meta, indent=1), owner)
     return meta
 
 
-def fuse_mounts(uid: int) -> list[str]:
-    """Mount points of FUSE filesystems mounted by ``uid`` (any path)."""
-    out = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        if " - fuse" in line and re.search(rf"[ ,]user_id={uid}(,|$)", line):
-            out.append(line.split(" ")[4])
-    return out
-
-
-def fuse_processes(uid: int, since: float = 0.0) -> list[psutil.Process]:
-    """squashfuse_ll, slowfs and fusermount3 processes of ``uid``."""
-    found = []
-    for p in psutil.process_iter(["name", "uids", "cmdline", "create_time"]):
-        info = p.info
-        if not info["uids"] or info["uids"].real != uid or info["create_time"] < since:
-            continue
-        cmd = " ".join(info["cmdline"] or [])
-        if info["name"] in ("squashfuse_ll", "fusermount3") or "slowfs" in cmd:
-            found.append(p)
-    return found
+def fuse_processes(uid: int, since: float) -> list[psutil.Process]:
+    """squashfuse_ll, slowfs and fusermount3 processes of ``uid`` started since ``since``."""
+    return img.fuse_processes(uid, since=since, helpers=True)
 
 
 def lines_about(out: str, name: str) -> list[str]:
@@ -146,24 +121,24 @@ def rebuild_image(env, owner, *, shell: str = "", pseudo=()) -> int:
     pseudo_args = " ".join(f"-p {json.dumps(p)}" for p in pseudo)
     script = f"""set -e
 mkdir -p "{work}"
-unsquashfs -q -n -d "{work}/tree" "{sqfs(env)}" >/dev/null
+unsquashfs -q -n -d "{work}/tree" "{image_file(env)}" >/dev/null
 chmod -R u+w "{work}/tree"
 cd "{work}/tree"
 {shell}
 mksquashfs "{work}/tree" "{new}" -noappend -quiet -no-progress -comp zstd -no-xattrs {pseudo_args}
-mv -f "{new}" "{sqfs(env)}"
+mv -f "{new}" "{image_file(env)}"
 chmod -R u+w "{work}"; rm -rf "{work}"
 """
     r = run_as(owner, ["bash", "-c", script], timeout=300)
     assert r.returncode == 0, f"rebuilding the image failed: {r.stdout}{r.stderr}"
-    size = os.stat(sqfs(env)).st_size
+    size = os.stat(image_file(env)).st_size
     edit_image_meta(env, owner, size=size)
     return size
 
 
 def save_image(env) -> list:
     saved = []
-    for p in (sqfs(env), sqfs_meta_path(env)):
+    for p in (image_file(env), image_sidecar(env)):
         st = os.lstat(p)
         saved.append((p, p.read_bytes(), st))
     return saved
@@ -184,24 +159,13 @@ def restore_image(saved) -> None:
 
 # ----------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def fuse_for_users():
-    if not shutil.which("squashfuse_ll") or not shutil.which("mksquashfs"):
-        pytest.fail("squashfuse and squashfs-tools are needed (tools/bootstrap.sh installs "
-                    "them)", pytrace=False)
-    mode = os.stat("/dev/fuse").st_mode & 0o777
-    os.chmod("/dev/fuse", 0o666)
-    yield
-    os.chmod("/dev/fuse", mode)
-
-
-@pytest.fixture(scope="module")
 def people():
     return A.cast()
 
 
 @pytest.fixture(scope="module")
-def site(conda_site, fuse_for_users):
-    with A.hook_site(conda_site, HOOK_LOG) as defaults:
+def site(conda_site):
+    with img.users_may_mount(), A.hook_site(conda_site, HOOK_LOG) as defaults:
         defaults.update(stage_mode="auto")
         yield defaults
 
@@ -218,20 +182,14 @@ def envs(site, conda_site, stage_bin, people):
     with A.attack_envs(conda_site, stage_bin, people, ENV_PREFIX) as made:
         for key, env in made.items():
             user = people.victim if key == "vic" else people.attacker
-            r = conda_site.shell(user, f'export PATH="{stage_bin}:$PATH"\n'
-                                       f"conda stage --pack --image {env.name}")
-            assert r.returncode == 0 and "INFO: Created image " in r.stderr, r.stderr
+            img.pack_image(conda_site, user, stage_bin, env.name)
         yield made
     shutil.rmtree(KIT, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def slurm_side(slurm_cluster, site, envs):
-    hooks = {
-        "prolog": str(slurm_cluster.install_file(ROOT / "prolog" / "slurm-prolog")),
-        "task_prolog": str(slurm_cluster.install_file(ROOT / "prolog" / "slurm-task-prolog")),
-        "epilog": str(slurm_cluster.install_file(ROOT / "epilog" / "slurm-epilog")),
-    }
+    hooks = slurm_hook_files(slurm_cluster)
     with slurm_cluster.hooks_configured(**hooks, prolog_flags="Alloc"):
         slurm_cluster.defaults = site
         yield slurm_cluster
@@ -239,118 +197,28 @@ def slurm_side(slurm_cluster, site, envs):
 
 @pytest.fixture(scope="module")
 def sge_hooks(sge_cluster):
-    return {name: sge_cluster.install_file(ROOT / sub / name)
-            for sub, name in (("prolog", "sge-prolog"), ("epilog", "sge-epilog"))}
+    return sge_hook_files(sge_cluster)
 
 
-class SlurmImageAttack(A.Attack):
-    """An attack on the Slurm hooks (as tests/test_attack_slurm.py's)."""
-
-    kind = "slurm"
+class ImageAttack:
+    """(mixin) The attack suites' attack classes with this module's hook log
+    and volatile folders, waiting up to 150 s for a job."""
 
     def __init__(self, cluster, people, envs, site):
-        super().__init__(cluster, people, envs, site, hook_log=HOOK_LOG, staging=STAGING,
-                         state=STATE, volatile=[KIT, DECOY])
-        self.infos: dict[str, dict] = {}
-
-    def _send(self, user, script, names, args, env=None):
-        comment = [f"--comment=conda_env={':'.join(names)}"] if names else []
-        t0 = time.time()
-        return self.cluster.submit(user, script, *comment, *args, env=env), t0
-
-    def output(self, jid):
-        try:
-            return self.cluster.output(jid, timeout=0)
-        except OSError:
-            return ""
-
-    def describe(self, jid):
-        info = self.cluster.job_info(jid)
-        return (f"JobState={info.get('JobState')} Reason={info.get('Reason')}; "
-                f"node {self.cluster.node_state()}")
+        super().__init__(cluster, people, envs, site)
+        self.hook_log = HOOK_LOG
+        self.volatile = [HOOK_LOG, KIT, DECOY]
 
     def finish(self, jid, timeout=150):
-        self.infos[jid] = self.cluster.wait(jid, timeout=timeout)
-        return self.cluster.output(jid)
-
-    def completed(self, jid):
-        assert self.infos[jid]["JobState"] == "COMPLETED", self.output(jid)
-
-    def healthy(self):
-        state = self.cluster.node_state()
-        assert "drain" not in state and "down" not in state, \
-            f"node {state}: {self.cluster.node_reason()}"
-
-    def clear_jobs(self):
-        for jid in self.jobs:
-            if self.cluster.in_queue(jid):
-                self.cluster.cancel(jid)
-        self.cluster.ensure_clean(timeout=90)
+        return super().finish(jid, timeout)
 
 
-class SgeImageAttack(A.Attack):
-    """An attack on SGE's root@ hooks (as tests/test_attack_sge.py's)."""
+class SlurmImageAttack(ImageAttack, SlurmAttack):
+    """An attack on the Slurm hooks (tests/test_attack_slurm.py's)."""
 
-    kind = "sge"
-    directives = "#$ -S /bin/bash\n"
-    prelude = 'echo "cs_tmpdir=$TMPDIR"\n'
 
-    def __init__(self, cluster, people, envs, site):
-        super().__init__(cluster, people, envs, site, hook_log=HOOK_LOG, staging=STAGING,
-                         state=STATE, volatile=[KIT, DECOY])
-        self.outputs: dict[str, Path] = {}
-
-    def _send(self, user, script, names, args, env=None):
-        wd = self.cluster.work_dir(user)
-        tag = uuid.uuid4().hex[:8]
-        path = A.write_as(wd / f"attack-image-{tag}.sh", script, user, 0o755)
-        out = wd / f"attack-image-{tag}.out"
-        request = ["-l", f"conda_env={':'.join(names)}"] if names else []
-        argv = ["qsub", "-terse", "-j", "y", "-o", str(out), *request, *args, str(path)]
-        t0 = time.time()
-        cp = run_as(user, argv, cwd=str(wd), timeout=60,
-                    env={"PATH": "/usr/local/bin:/usr/bin:/bin", **(env or {})})
-        m = re.match(r"^(\d+)\s*$", cp.stdout)
-        assert cp.returncode == 0 and m, f"qsub failed: {cp.stdout} {cp.stderr}"
-        self.outputs[m.group(1)] = out
-        return m.group(1), t0
-
-    def output(self, jid):
-        try:
-            return self.outputs[jid].read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def describe(self, jid):
-        return (f"state {self.cluster.job_state(jid)}; queue "
-                f"{self.cluster.queue_state()!r}\n{self.output(jid)}")
-
-    def finish(self, jid, timeout=150):
-        def gone():
-            state = self.cluster.job_state(jid)
-            assert state is None or "E" not in state, \
-                f"job {jid} in {state}:\n{self.cluster.qstat_j(jid)}"
-            return state is None
-        assert A.sleep_until(gone, timeout, 0.5), f"job {jid} still queued after {timeout} s"
-        return self.output(jid)
-
-    def completed(self, jid):
-        """(finish saw the job leave the queue, never in error)"""
-
-    def healthy(self):
-        state = self.cluster.queue_state()
-        assert state == "", f"queue instance state {state!r}"
-
-    def nothing_left(self):
-        super().nothing_left()
-        left = [str(p) for p in Path("/tmp").glob("*.all.q") if (p / "conda-stage").exists()]
-        assert left == [], f"staged copies left in TMPDIRs: {left}"
-
-    def clear_jobs(self):
-        left = [j for j in self.jobs if self.cluster.job_state(j) is not None]
-        if left:
-            self.cluster.run(["qdel", "-f", *left], check=False)
-            A.sleep_until(lambda: all(self.cluster.job_state(j) is None for j in left), 60)
+class SgeImageAttack(ImageAttack, SgeAttack):
+    """An attack on SGE's root@ hooks (tests/test_attack_sge.py's)."""
 
 
 @pytest.fixture
@@ -448,7 +316,7 @@ def test_control_the_attackers_image_is_mounted(atk):
     jid, out = atk.run(atk.people.attacker, probe(atk, one.name), [one.name])
     verify(atk)
     atk.completed(jid)
-    assert atk.staged_copy(out, one.name) == sqfs_meta(one)["mount_prefix"], out
+    assert atk.staged_copy(out, one.name) == image_meta(one)["mount_prefix"], out
     assert A.job_values(out).get("cs_mounted") == "1", out
     assert len(lines_about(out, one.name)) == 1, out
 
@@ -465,7 +333,7 @@ def test_an_image_that_is_not_the_users_is_never_mounted(what, atk):
     no file of the attacker's, the job is told in one line and runs."""
     attacker, victim = atk.people.attacker, atk.people.victim
     one, vic = atk.envs["one"], atk.envs["vic"]
-    image = sqfs(one)
+    image = image_file(one)
     image.unlink()
     if what == "fifo":
         A.make_fifo(image, attacker)
@@ -474,7 +342,7 @@ def test_an_image_that_is_not_the_users_is_never_mounted(what, atk):
         if what == "victims_image":
             shared = A.user_dir(KIT / f"{victim.name}-shared", victim)
             target = shared / f"{vic.name}.sqfs"
-            shutil.copyfile(sqfs(vic), target)
+            shutil.copyfile(image_file(vic), target)
             A.chown(target, victim)
             os.chmod(target, 0o644)
         else:
@@ -508,15 +376,15 @@ def test_a_hostile_sidecar_mounts_nothing_anywhere(how, atk):
     was readable), no forged line reaches the job or the log."""
     attacker, victim = atk.people.attacker, atk.people.victim
     one, vic = atk.envs["one"], atk.envs["vic"]
-    meta = sqfs_meta(one)
-    vmeta = sqfs_meta(vic)
+    meta = image_meta(one)
+    vmeta = image_meta(vic)
     forged = A.FORGED.format(kind=atk.kind)
     mine = f"{STAGING}/users/{attacker.uid}/{meta['image_id']}"
     if how == "huge":
         meta["created"] = "x" * (40 << 20)
-        A.write_as(sqfs_meta_path(one), json.dumps(meta), attacker)
+        A.write_as(image_sidecar(one), json.dumps(meta), attacker)
     elif how == "malformed":
-        A.write_as(sqfs_meta_path(one), '{"image_id": "' + meta["image_id"] + '", [', attacker)
+        A.write_as(image_sidecar(one), '{"image_id": "' + meta["image_id"] + '", [', attacker)
     else:
         prefix = {
             "outside": "/etc/cs-evil-image/" + one.name,
@@ -557,7 +425,7 @@ CORRUPT = ["truncated", "random_magic", "superblock_only"]
 
 
 def _corrupt(one, attacker, how) -> None:
-    image = sqfs(one)
+    image = image_file(one)
     data = image.read_bytes()
     if how == "truncated":
         new = data[:len(data) // 2]

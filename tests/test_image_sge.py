@@ -8,27 +8,26 @@ left; without squashfuse the job gets one line and an extracted copy.
 
 /dev/fuse is made usable by users for this module (Debian's udev default,
 0666); what it was is restored afterwards."""
-import json
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.harness.envs import enable_env, remove_env
-from tests.harness.sitecfg import site_defaults, store_listing
-from tests.harness.users import TEST_BASE
+pytest.register_assert_rewrite("tests.harness.image")
+
+from tests.harness import image as img  # noqa: E402
+from tests.harness.envs import enable_env, remove_env  # noqa: E402
+from tests.harness.image import PROBE, RUN, image_meta, values  # noqa: E402
+from tests.harness.sitecfg import sge_hook_files, site_defaults  # noqa: E402
+from tests.harness.users import TEST_BASE  # noqa: E402
 
 pytestmark = [pytest.mark.sge, pytest.mark.conda]
 
-ROOT = Path(__file__).resolve().parent.parent
 STAGING = TEST_BASE / "image-sge-jobs"
 STATE = TEST_BASE / "image-sge-state"
 HOOK_LOG = TEST_BASE / "image-sge-hooks.log"
@@ -36,29 +35,18 @@ CONDA_STAGE = str(Path(sys.prefix) / "bin" / "conda-stage")
 
 
 @pytest.fixture(scope="module")
-def fuse_for_users():
-    if not shutil.which("squashfuse_ll") or not shutil.which("mksquashfs"):
-        pytest.fail("squashfuse and squashfs-tools are needed (tools/bootstrap.sh installs "
-                    "them)", pytrace=False)
-    mode = os.stat("/dev/fuse").st_mode & 0o777
-    os.chmod("/dev/fuse", 0o666)
-    yield
-    os.chmod("/dev/fuse", mode)
-
-
-@pytest.fixture(scope="module")
 def hooks(sge_cluster):
-    return {name: sge_cluster.install_file(ROOT / sub / name)
-            for sub, name in (("prolog", "sge-prolog"), ("epilog", "sge-epilog"))}
+    return sge_hook_files(sge_cluster)
 
 
 @pytest.fixture(scope="module")
-def cluster(sge_cluster, conda_site, fuse_for_users):
+def cluster(sge_cluster, conda_site):
     HOOK_LOG.unlink(missing_ok=True)
     HOOK_LOG.touch()
-    with site_defaults(log_file=HOOK_LOG, syslog="no", conda_root=conda_site.root_prefix,
-                       staging_dir=STAGING, state_dir=STATE, keep_unused=0,
-                       stage_mode="auto") as d:
+    with img.users_may_mount(), \
+            site_defaults(log_file=HOOK_LOG, syslog="no", conda_root=conda_site.root_prefix,
+                          staging_dir=STAGING, state_dir=STATE, keep_unused=0,
+                          stage_mode="auto") as d:
         sge_cluster.defaults = d
         yield sge_cluster
 
@@ -68,34 +56,22 @@ def env(cluster, conda_site, conda_user, stage_bin):
     """An auto-stage-enabled environment with an image for this site's
     staging folder (the site file is in place: the mount path comes from it)."""
     made = enable_env(conda_site, conda_user, stage_bin, "im-sge")
-    r = conda_site.shell(conda_user, f'export PATH="{stage_bin}:$PATH"\n'
-                                     f"conda stage --pack --image {made.name}")
-    assert r.returncode == 0, r.stderr
-    assert "INFO: Created image " in r.stderr, r.stderr
+    img.pack_image(conda_site, conda_user, stage_bin, made.name)
     yield made
     remove_env(conda_site, conda_user, made)
 
 
-def fuse_processes(uid=None):
-    """squashfuse_ll processes (of ``uid``, or anyone's) serving this module's staging folder."""
-    found = []
-    for p in psutil.process_iter(["name", "uids", "cmdline"]):
-        if p.info["name"] != "squashfuse_ll" or not p.info["uids"]:
-            continue
-        if str(STAGING) not in " ".join(p.info["cmdline"] or []):
-            continue
-        if uid is None or p.info["uids"].real == uid:
-            found.append(p)
-    return found
+def fuse_processes():
+    """squashfuse_ll processes (anyone's) serving this module's staging folder."""
+    return img.fuse_processes(serving=STAGING)
 
 
 def mount_lines():
-    text = Path("/proc/self/mountinfo").read_text()
-    return [line for line in text.splitlines() if str(STAGING) in line]
+    return img.mount_lines(STAGING)
 
 
 def mounts():
-    return [line.split(" ")[4] for line in mount_lines()]
+    return img.mount_points(STAGING)
 
 
 def gc_all():
@@ -115,32 +91,9 @@ def job(cluster, sge, hooks, conda_user, conda_site, env):
     yield submit
     assert cluster.queue_state() == "", "queue instance in error state"
     gc_all()
-    assert mounts() == [], "image still mounted"
-    deadline = time.monotonic() + 10
-    while fuse_processes() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert fuse_processes() == [], "a squashfuse_ll process outlived its mount"
-    assert store_listing(STAGING) == [] and store_listing(STATE) == [], \
-        (store_listing(STAGING), store_listing(STATE))
+    img.nothing_left(STAGING, STATE, serving=STAGING)
     leftovers = [p for p in Path("/tmp").glob("*.all.q") if (p / "conda-stage").exists()]
     assert leftovers == []
-
-
-def values(text):
-    return dict(line.split("=", 1) for line in text.splitlines() if re.match(r"^\w+=", line))
-
-
-PROBE = """
-conda activate {name}
-echo "prefix=$CONDA_PREFIX"
-echo "sys_prefix=$(python -c 'import sys; print(sys.prefix)')"
-prefix-probe | sed 's/:/=/'
-if mountpoint -q "$CONDA_PREFIX"; then echo "mounted=yes"; fi
-"""
-
-
-def image_meta(env):
-    return json.loads((env.prefix.parent / f"{env.name}.sqfs.json").read_text())
 
 
 def wait_for(cluster, jid, text, timeout=90, task=None):
@@ -232,25 +185,13 @@ def test_an_array_job_shares_one_mount(job, cluster, env):
     assert mounts() == [], mount_lines()
 
 
-RUN = """
-conda activate {name}
-python -c 'import time; time.sleep(600)' &
-echo ready
-sleep 600
-"""
-
-
 @pytest.mark.parametrize("how", ["qdel", "h_rt", "sigkill"])
 def test_the_epilog_unmounts_after_the_job_ends_early(how, job, cluster, env):
     mark = HOOK_LOG.stat().st_size
     jid = job(RUN.format(name=env.name), *(["-l", "h_rt=8"] if how == "h_rt" else []))
     wait_for(cluster, jid, "ready")
     assert mounts() == [image_meta(env)["mount_prefix"]], mount_lines()
-    if how == "qdel":
-        cluster.delete(jid)
-    elif how == "sigkill":
-        os.kill(cluster.job_pids(jid)["shell"], signal.SIGKILL)
-    res = cluster.wait(jid, timeout=120)
+    res = img.end_sge_job_early(cluster, jid, how)
     assert res.exit_status == 137, res
     assert mounts() == [], mount_lines()   # the epilog unmounted (keep time 0)
     log = HOOK_LOG.read_text()[mark:]

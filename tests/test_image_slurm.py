@@ -7,22 +7,22 @@ without squashfuse the job gets one line and an extracted copy.
 
 /dev/fuse is made usable by users for this module (Debian's udev default,
 0666); what it was is restored afterwards."""
-import json
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.harness.envs import enable_env, remove_env
-from tests.harness.sitecfg import slurm_hooks, store_listing
-from tests.harness.users import TEST_BASE
+pytest.register_assert_rewrite("tests.harness.image")
+
+from tests.harness import image as img  # noqa: E402
+from tests.harness.envs import enable_env, remove_env  # noqa: E402
+from tests.harness.image import PROBE, RUN, image_meta, values  # noqa: E402
+from tests.harness.sitecfg import slurm_hooks  # noqa: E402
+from tests.harness.users import TEST_BASE  # noqa: E402
 
 pytestmark = [pytest.mark.slurm, pytest.mark.conda]
 
@@ -33,22 +33,12 @@ CONDA_STAGE = str(Path(sys.prefix) / "bin" / "conda-stage")
 
 
 @pytest.fixture(scope="module")
-def fuse_for_users():
-    if not shutil.which("squashfuse_ll") or not shutil.which("mksquashfs"):
-        pytest.fail("squashfuse and squashfs-tools are needed (tools/bootstrap.sh installs "
-                    "them)", pytrace=False)
-    mode = os.stat("/dev/fuse").st_mode & 0o777
-    os.chmod("/dev/fuse", 0o666)
-    yield
-    os.chmod("/dev/fuse", mode)
-
-
-@pytest.fixture(scope="module")
-def cluster(slurm_cluster, conda_site, fuse_for_users):
+def cluster(slurm_cluster, conda_site):
     HOOK_LOG.unlink(missing_ok=True)
-    with slurm_hooks(slurm_cluster, staging_dir=STAGING, state_dir=STATE, log_file=HOOK_LOG,
-                     syslog="no", conda_root=conda_site.root_prefix, keep_unused=0,
-                     stage_mode="auto"):
+    with img.users_may_mount(), \
+            slurm_hooks(slurm_cluster, staging_dir=STAGING, state_dir=STATE, log_file=HOOK_LOG,
+                        syslog="no", conda_root=conda_site.root_prefix, keep_unused=0,
+                        stage_mode="auto"):
         yield slurm_cluster
 
 
@@ -58,23 +48,13 @@ def env(cluster, conda_site, conda_user, stage_bin):
     staging folder (the site file is in place: the image's mount path
     comes from it)."""
     made = enable_env(conda_site, conda_user, stage_bin, "im-jup")
-    r = conda_site.shell(conda_user, f'export PATH="{stage_bin}:$PATH"\n'
-                                     f"conda stage --pack --image {made.name}")
-    assert r.returncode == 0, r.stderr
-    assert "INFO: Created image " in r.stderr, r.stderr
+    img.pack_image(conda_site, conda_user, stage_bin, made.name)
     yield made
     remove_env(conda_site, conda_user, made)
 
 
-def fuse_processes(uid):
-    return [p for p in psutil.process_iter(["name", "uids"])
-            if p.info["name"] == "squashfuse_ll" and p.info["uids"]
-            and p.info["uids"].real == uid]
-
-
 def mounts():
-    text = Path("/proc/self/mountinfo").read_text()
-    return [line.split(" ")[4] for line in text.splitlines() if str(STAGING) in line]
+    return img.mount_points(STAGING)
 
 
 @pytest.fixture
@@ -90,31 +70,8 @@ def job(cluster, conda_user, conda_site):
     cluster.ensure_clean()
     subprocess.run([CONDA_STAGE, "gc", "--jobs", "--all-unused"], capture_output=True,
                    timeout=300, env={**os.environ, **cluster.env})
-    assert mounts() == [], "image still mounted"
-    deadline = time.monotonic() + 10
-    while fuse_processes(conda_user.uid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert fuse_processes(conda_user.uid) == [], "a squashfuse_ll process outlived its mount"
-    assert store_listing(STAGING) == [] and store_listing(STATE) == [], \
-        (store_listing(STAGING), store_listing(STATE))
+    img.nothing_left(STAGING, STATE, uid=conda_user.uid)
     assert "drain" not in cluster.node_state(), cluster.node_reason()
-
-
-def values(text):
-    return dict(line.split("=", 1) for line in text.splitlines() if re.match(r"^\w+=", line))
-
-
-PROBE = """
-conda activate {name}
-echo "prefix=$CONDA_PREFIX"
-echo "sys_prefix=$(python -c 'import sys; print(sys.prefix)')"
-prefix-probe | sed 's/:/=/'
-if mountpoint -q "$CONDA_PREFIX"; then echo "mounted=yes"; fi
-"""
-
-
-def image_meta(env):
-    return json.loads((env.prefix.parent / f"{env.name}.sqfs.json").read_text())
 
 
 def test_the_prolog_mounts_the_image_and_conda_activate_lands_on_it(job, cluster, env):
@@ -148,14 +105,6 @@ def test_an_array_job_shares_one_mount(job, cluster, env, conda_user):
     assert len(re.findall(r"\(image mounted\)", log)) == 1, log
     assert len(re.findall(r"\(shared copy\)", log)) == 3, log
     assert len(mounts()) == 1  # kept for the next job, held by none: gc unmounts it
-
-
-RUN = """
-conda activate {name}
-python -c 'import time; time.sleep(600)' &
-echo ready
-sleep 600
-"""
 
 
 @pytest.mark.parametrize("how", ["scancel", "sigkill", "timeout"])

@@ -48,17 +48,32 @@ def site_defaults(**settings):
             DEFAULTS.write_bytes(saved)
 
 
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def slurm_hook_files(slurm_cluster) -> dict[str, str]:
+    """The shipped Prolog, TaskProlog and Epilog installed on ``slurm_cluster``:
+    keywords of its ``hooks_configured``."""
+    return {
+        "prolog": str(slurm_cluster.install_file(ROOT / "prolog" / "slurm-prolog")),
+        "task_prolog": str(slurm_cluster.install_file(ROOT / "prolog" / "slurm-task-prolog")),
+        "epilog": str(slurm_cluster.install_file(ROOT / "epilog" / "slurm-epilog")),
+    }
+
+
+def sge_hook_files(sge_cluster) -> dict[str, Path]:
+    """The shipped prolog and epilog installed on ``sge_cluster``, by name
+    (``sge-prolog``, ``sge-epilog``)."""
+    return {name: sge_cluster.install_file(ROOT / sub / name)
+            for sub, name in (("prolog", "sge-prolog"), ("epilog", "sge-epilog"))}
+
+
 @contextmanager
 def slurm_hooks(slurm_cluster, **settings):
     """The shipped Prolog, TaskProlog and Epilog installed on ``slurm_cluster``
     (``PrologFlags=Alloc``) with the site settings ``settings``; the cluster's
     ``defaults`` handle rewrites them."""
-    root = Path(__file__).resolve().parents[2]
-    hooks = {
-        "prolog": str(slurm_cluster.install_file(root / "prolog" / "slurm-prolog")),
-        "task_prolog": str(slurm_cluster.install_file(root / "prolog" / "slurm-task-prolog")),
-        "epilog": str(slurm_cluster.install_file(root / "epilog" / "slurm-epilog")),
-    }
+    hooks = slurm_hook_files(slurm_cluster)
     with site_defaults(**settings) as defaults:
         with slurm_cluster.hooks_configured(**hooks, prolog_flags="Alloc"):
             slurm_cluster.defaults = defaults
