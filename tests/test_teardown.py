@@ -2,6 +2,7 @@
 import os
 import shutil
 import subprocess
+import sys
 import time
 
 from conda_stage.procs import terminate_processes_under
@@ -82,3 +83,28 @@ def test_epilog_is_idempotent_and_cleans_half_finished_prologs(tmp_path):
     assert not workdir.exists()
     epilog(job, Config(), log)  # twice: nothing to do, no error
     assert os.listdir(tmp_path / "jobs") == [] and os.listdir(tmp_path / "state") == []
+
+
+def test_a_process_that_only_maps_a_file_of_the_folder_is_found(tmp_path):
+    """No executable, working folder, argument or open file there: only a
+    mapping (a library, an mmap-ed file) -- it still keeps a mount busy."""
+    from conda_stage.procs import users_of
+
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    (folder / "data").write_bytes(b"x" * 8192)
+    code = ("import mmap, sys, time\n"
+            "f = open(sys.argv[1], 'rb'); m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
+            "f.close(); print('ready', flush=True); time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder / "data")], cwd="/",
+                            stdout=subprocess.PIPE, start_new_session=True)
+    other = subprocess.Popen(["sleep", "600"], cwd="/", start_new_session=True)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        found = users_of(folder)
+        assert proc.pid in found and other.pid not in found
+        assert users_of(tmp_path / "elsewhere") == []
+    finally:
+        for p in (proc, other):
+            p.kill()
+            p.wait()
