@@ -144,6 +144,30 @@ IGNORE = {b"pkgs", b"envs", b"conda-bld", b".conda_lock", b"users", b"conda-reci
           b".index", b".unionfs", b".nonadmin", b"python.app", b"Launcher.app"}
 done = set()
 used = 0
+
+def managed():
+    # the environment's copies of conda's files whose package is in the
+    # package cache: conda-pack reads those from there, not these
+    import json
+    skip, meta = set(), os.path.join(prefix, b"conda-meta")
+    try:
+        names = os.listdir(meta)
+    except OSError:
+        return skip
+    for name in names:
+        if not name.endswith(b".json"):
+            continue
+        try:
+            with open(os.path.join(meta, name), "rb") as fh:
+                info = json.loads(fh.read())
+            link = info.get("link") or {}
+            if link.get("source") and os.path.exists(link["source"]):
+                skip.update(prefix + b"/" + os.fsencode(f) for f in info.get("files", ()))
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+    return skip
+
+skip = managed()
 CHECK = 512 if hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv") else 0
 
 def field(i):
@@ -182,10 +206,11 @@ def warm(path, limit):
         os.close(f)
 
 def warm_already():
-    # the first CHECK files were all in the page cache: so is the rest, most
-    # likely (just installed, or packed a moment ago); prefetching would only
-    # take CPU time from the compressor
-    return checked == CHECK and cached == CHECK
+    # nearly all of the first CHECK files were in the page cache: so is the
+    # rest, most likely (just installed, or packed a moment ago; a file or
+    # two the packer never reads may not be); prefetching would only take
+    # CPU time from the compressor
+    return checked == CHECK and cached >= CHECK - CHECK // 16
 
 def phase1():
     global used
@@ -205,7 +230,7 @@ def phase1():
                     if e.is_dir(follow_symlinks=False):
                         if top != prefix or e.name not in IGNORE:
                             stack.append(e.path)
-                    elif e.is_file(follow_symlinks=False):
+                    elif e.is_file(follow_symlinks=False) and e.path not in skip:
                         used += warm(e.path, budget - used)
                         done.add(e.path)
                         if used >= budget or CHECK and warm_already():
