@@ -12,13 +12,11 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from importlib import resources
 from pathlib import Path
 
 from . import output
 from .errors import StageError
 from .locking import file_lock
-from .pack import pack
 from .resolve import Env
 from .stage import ACTIVATE_HOOK, DEACTIVATE_HOOK
 from .store import is_staged_copy
@@ -77,6 +75,8 @@ def enable(env: Env, *, quiet: bool = False, writable: bool = False,
     output.info("Configuring automatic staging and unstaging of original Conda environment  ...")
     if not os.access(env.prefix, os.W_OK):
         raise StageError(f"Cannot write to {env.prefix}; auto-staging must be enabled by its owner")
+    from importlib import resources  # not at the top: ~15 ms of every --stage
+
     replaced = False
     for target, source in _HOOK_SOURCES.items():
         data = resources.files("conda_stage").joinpath("shell", source).read_bytes()
@@ -93,6 +93,8 @@ def enable(env: Env, *, quiet: bool = False, writable: bool = False,
         # tarball's fingerprint sees the hooks' names, not their contents.
         output.info("Replaced the auto-staging hooks of an earlier conda-stage; the tarball "
                     "is rebuilt so that staged copies get them too")
+    from .pack import pack  # not at the top: --stage reads read_conf without packing
+
     pack(env, fmt=fmt, force=replaced)
     output.info("Enabled auto-staging")
     output.info("Enabled auto-unstaging")

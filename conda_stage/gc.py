@@ -4,8 +4,10 @@ Mark what is in use, delete the rest, carry on past what cannot be removed
 (and say so):
 
 * interactive copies (``$TMPDIR/conda-stage-*/NAME``) whose shell has exited
-  without ``conda deactivate``, and half-written ``.NAME.partial-PID``
-  folders of staging processes that were killed -- run by the user;
+  without ``conda deactivate``, half-written ``.NAME.partial-PID`` folders
+  of staging processes that were killed, and ``conda-stage-*.trash``
+  folders of copies whose removal in the background ('conda deactivate')
+  did not finish (its process died) -- run by the user;
 * with ``--jobs``, Slurm job folders (``<staging dir>/<job id>``) and their
   manifests of jobs the scheduler no longer runs, e.g. after a node crash
   that skipped the epilog -- run by root (a cron job or a node health
@@ -20,7 +22,8 @@ from pathlib import Path
 from . import output
 from .errors import StageError
 from .jobdir import JobDir, UnsafeBase, open_base, valid_key
-from .store import PARENT_PREFIX, find_copies, live_holders, remove_copy, remove_tree
+from .store import (PARENT_PREFIX, TRASH_SUFFIX, find_copies, find_trash, live_holders,
+                    remove_copy, remove_trash, remove_tree)
 
 _PARTIAL = re.compile(r"^\.(.+)\.partial-([0-9]+)$")
 
@@ -47,6 +50,19 @@ def collect(base: Path, *, dry_run: bool = False) -> list[Path]:
                  lambda p=path, m=marker: remove_copy(p, m))
     for path in _dead_partials(base):
         drop(path, "left by a staging process that was killed", lambda p=path: _remove_partial(p))
+    for path in find_trash(base):
+        if dry_run:
+            drop(path, "a copy whose removal did not finish", None)
+            continue
+        try:
+            if not remove_trash(path):
+                output.info(f"Not removing {path}: a 'conda deactivate' is removing it")
+                continue
+            output.info(f"Removed {path} (a copy whose removal did not finish)")
+            removed.append(path)
+        except (OSError, StageError) as exc:
+            output.warn(f"Cannot remove {path}: {getattr(exc, 'strerror', None) or exc}")
+            failed.append(path)
     if not removed and not failed:
         output.info(f"Nothing to collect in {base}")
     return removed
@@ -58,6 +74,7 @@ def _dead_partials(base: Path):
     uid = os.getuid()
     try:
         parents = [e for e in os.scandir(base) if e.name.startswith(PARENT_PREFIX)
+                   and not e.name.endswith(TRASH_SUFFIX)
                    and e.is_dir(follow_symlinks=False) and e.stat(follow_symlinks=False).st_uid == uid]
     except OSError:
         return

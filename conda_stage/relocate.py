@@ -8,7 +8,36 @@ before anything is extracted.  The replacement itself is conda-pack's
 """
 from __future__ import annotations
 
+import sys
+
 from .errors import PrefixTooLong
+
+_replace_prefix = None
+
+
+def replace_prefix(data: bytes, mode: str, placeholder: str, new_prefix: str) -> bytes:
+    """``conda_pack.prefixes.replace_prefix``.  Its module is loaded on its
+    own, the first time: imported as ``conda_pack.prefixes`` it would run
+    ``conda_pack/__init__`` first (importlib.metadata, conda_pack.core:
+    ~30 ms of every 'conda activate'); it imports nothing of conda-pack."""
+    global _replace_prefix
+    if _replace_prefix is None:
+        module = sys.modules.get("conda_pack.prefixes")
+        if module is None:
+            try:
+                import importlib.util
+                import os
+
+                package = importlib.util.find_spec("conda_pack")  # finds, does not import
+                path = os.path.join(os.path.dirname(package.origin), "prefixes.py")
+                spec = importlib.util.spec_from_file_location("_conda_stage_conda_pack_prefixes",
+                                                              path)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+            except Exception:
+                import conda_pack.prefixes as module
+        _replace_prefix = module.replace_prefix
+    return _replace_prefix(data, mode, placeholder, new_prefix)
 
 
 class Relocator:
@@ -30,8 +59,6 @@ class Relocator:
             # Most records (every text file pip installed) hold no placeholder:
             # replace_prefix would return them unchanged, only slower.
             if raw in data:
-                from conda_pack.prefixes import replace_prefix
-
                 data = replace_prefix(data, mode, placeholder, self.new_prefix)
         return data
 

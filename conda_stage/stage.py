@@ -5,8 +5,9 @@ if it is not fresh, pack (interactive) or refuse (job prolog); check the
 target path fits the binary placeholders and the disk has room for at least
 the tarball, stream-extract and relocate into a temporary name, recompile
 the bytecode of the relocated ``.py`` files, mark the copy, make it
-read-only, rename it into place.  unstage: remove a copy (and the folder
-made for it).
+read-only, rename it into place.  (unstage, which removes a copy and the
+folder made for it, is in :mod:`store`: 'conda deactivate' runs it, and it
+needs none of what staging imports.)
 """
 from __future__ import annotations
 
@@ -20,12 +21,11 @@ from .errors import StageError
 from .extract import extract
 from .locking import file_lock
 from .output import printable
-from .pack import pack
 from .relocate import Relocator, check_prefix_fits
 from .resolve import Env
-from .store import (MARKER, add_holder, drop_holder, find_shared, holders_locked, live_holders,
-                    new_marker, new_parent, read_marker, remove_copy, remove_tree,
-                    staging_base)
+from .store import (MARKER, add_holder, find_shared, holders_locked, live_holders, new_marker,
+                    new_parent, read_marker, remove_tree, staging_base)
+from .store import unstage  # noqa: F401 (its home was here; it needs none of the above)
 from .tarball import Sidecar, Tarball
 from .userfiles import open_regular
 
@@ -287,6 +287,8 @@ def _repack(env: Env, reason: str, lock_timeout, deadline) -> None:
     left = _time_left(deadline, "before its tarball could be rebuilt")
     timeout = lock_timeout if left is None else (left if lock_timeout is None
                                                  else min(left, lock_timeout))
+    from .pack import pack
+
     pack(env, lock_timeout=timeout)
 
 
@@ -379,39 +381,3 @@ def _check_space(folder: Path, need_bytes: int, need_files: int) -> None:
     if st.f_files and st.f_favail < need_files + 64:
         raise StageError(f"not enough free inodes on the local disk ({folder}): the copy needs "
                          f"{need_files} files, {st.f_favail} more can be created")
-
-
-def unstage(prefix: Path, *, force: bool = False, holder_pid: int | None = None) -> bool:
-    """Let go of the staged copy at ``prefix`` for the shell ``holder_pid``
-    (default: the calling shell, our parent process) and remove it unless
-    other live shells hold it.  Copies staged by a job's prolog are left to
-    the epilog.  ``force``: remove it whoever holds it.  Returns whether it
-    was removed."""
-    prefix = Path(os.path.abspath(prefix))
-    marker = read_marker(prefix)
-    if marker is None:
-        raise StageError(f"Does not look like a staged environment: no {MARKER} file in {prefix}")
-    if marker.mode == "job" and not force:
-        output.info(f"Keeping {prefix}: it was staged for job {marker.job_id} and is removed "
-                    f"when the job ends")
-        return False
-    if marker.mode == "interactive" and marker.parent_owned:
-        with holders_locked(prefix):
-            drop_holder(prefix, holder_pid or os.getppid())
-            others = [p for p in live_holders(prefix, marker) if p != (holder_pid or os.getppid())]
-            if others and not force:
-                output.info(f"Keeping {prefix}: {len(others)} other shell(s) still use it "
-                            f"(PID {', '.join(map(str, others[:5]))})")
-                return False
-            _remove(prefix, marker)
-        return True
-    _remove(prefix, marker)
-    return True
-
-
-def _remove(prefix: Path, marker) -> None:
-    output.info("Unstaging and reverting to original Conda environment  ...")
-    t0 = time.monotonic()
-    output.info(f"Removing staged Conda environment: {prefix}")
-    remove_copy(prefix, marker)
-    output.info(f"Total unstage time: {output.seconds(time.monotonic() - t0)}")

@@ -305,3 +305,94 @@ snap 1
     assert (v["kept_activate"], v["kept_reactivate"], v["removed"]) == ("yes", "yes", "yes")
     assert diff(user_tmp, 0, 1) == []
     assert copies(user_tmp) == []
+
+
+def _wait_gone(user_tmp, timeout=120.0):
+    """Wait until conda-stage's removal in the background has left nothing
+    in ``user_tmp``; returns what is still there after ``timeout``."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        left = os.listdir(user_tmp)
+        if not left:
+            return []
+        time.sleep(0.05)
+    return os.listdir(user_tmp)
+
+
+def test_deactivate_removes_the_copy_in_the_background_and_nothing_is_left(enabled, run,
+                                                                          user_tmp):
+    """'conda deactivate' renames the copy's folder out of the way before it
+    returns (the copy's path is gone at once) and a detached process deletes
+    it; with stderr going to a file nothing waits for that process, and yet
+    every file goes."""
+    env = enabled()
+    r = run(f"""
+conda activate {env.name}
+p=$CONDA_PREFIX
+conda deactivate 2> "$TMPDIR/deactivate.err"
+test -e "$p" && echo "copy_path_right_after=exists" || echo "copy_path_right_after=gone"
+test -e "${{p%/*}}" && echo "folder_right_after=exists" || echo "folder_right_after=gone"
+cat "$TMPDIR/deactivate.err" >&2; rm -f "$TMPDIR/deactivate.err"
+echo "prefix=$p"
+""")
+    assert r.returncode == 0, r.stderr
+    v = values(r.stdout)
+    assert v["prefix"].startswith(f"{user_tmp}/conda-stage-")
+    assert (v["copy_path_right_after"], v["folder_right_after"]) == ("gone", "gone")
+    assert "(in the background)" in r.stderr
+    assert _wait_gone(user_tmp) == []
+
+
+def test_gc_removes_a_copy_whose_removal_did_not_finish(enabled, run, user_tmp):
+    """A remover that dies leaves the renamed folder (conda-stage-*.trash)
+    with its lock free: gc removes it -- but not while a process holds its
+    lock (a remover still at work)."""
+    env = enabled()
+    r = run(f"""sleep 300 & a=$!
+p=$(conda-stage --stage --owner-pid $a {env.name})
+d=${{p%/*}}
+# the state a remover killed right after the rename leaves behind
+mv "$d" "$d.trash"
+( exec 9< "$d.trash"; flock 9; exec sleep 300 ) > /dev/null 2>&1 & holder=$!
+for i in $(seq 100); do flock -n "$d.trash" true || break; sleep 0.05; done
+echo "busy=$(conda-stage gc 2>&1 | tr '\\n' ' ')"
+test -d "$d.trash/{env.name}" && echo "kept_while_locked=yes"
+kill $holder; wait $holder 2> /dev/null
+echo "dead=$(conda-stage gc 2>&1 | tr '\\n' ' ')"
+test -e "$d.trash" || echo "collected=yes"
+kill $a; wait $a 2> /dev/null
+ls -A "$TMPDIR" | wc -l | sed 's/^/left=/'""")
+    assert r.returncode == 0, r.stderr
+    v = values(r.stdout)
+    assert "is removing it" in v["busy"] and v["kept_while_locked"] == "yes", r.stdout
+    assert "a copy whose removal did not finish" in v["dead"], r.stdout
+    assert v["collected"] == "yes" and v["left"] == "0", r.stdout + r.stderr
+
+
+def test_the_hooks_calls_are_parsed_without_plumbum_and_nothing_else_is():
+    import subprocess
+    import sys
+
+    from conda_stage.cli import _hook_call
+
+    assert _hook_call(["--stage", "--owner-pid", "12", "/e"]) == ("--stage", "/e", 12, False,
+                                                                  False, False)
+    assert _hook_call(["--unstage", "--background", "--owner-pid=7", "/c"]) == \
+        ("--unstage", "/c", 7, True, False, False)
+    assert _hook_call(["-q", "--stage", "/e"]) == ("--stage", "/e", None, False, True, False)
+    for other in (["--stage"], ["--stage", "a", "b"], ["--stage", "--background", "/e"],
+                  ["--stage", "--unstage", "/e"], ["--stage", "--stage", "/e"],
+                  ["--stage", "--owner-pid", "1e3", "/e"], ["--stage", "--owner-pid", "-1", "/e"],
+                  ["--stage", "--owner-pid"], ["--stage", "--", "/e"], ["--stage", "--path", "x", "/e"],
+                  ["--stage", "--writable", "/e"], ["--unstage", "--force", "/c"], ["--help"],
+                  ["status", "/e"], ["--stage", "-"]):
+        assert _hook_call(other) is None, other
+    # The hooks' calls do not import plumbum (nor conda-pack, psutil, yaml).
+    code = ("import sys; from conda_stage import cli\n"
+            "cli.main(['conda-stage', '--unstage', '--background', '--owner-pid', '1', '/nonexistent'])\n"
+            "print(sorted(m for m in ('plumbum', 'conda_pack', 'psutil', 'yaml') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip() == "[]", r.stdout + r.stderr
+    assert "ERROR: Does not look like a staged environment" in r.stderr

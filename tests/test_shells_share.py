@@ -90,3 +90,24 @@ conda-stage --unstage --owner-pid $a "$one"; conda-stage --unstage "$two"
 kill $a""")
     assert r.returncode == 0, r.stderr
     assert values(r.stdout)["private"] == "yes"
+
+
+def test_a_copy_being_removed_is_never_shared(enabled, run):
+    """'--unstage --background' of the last holder renames the copy's folder
+    under its lock before it returns: another shell's '--stage' right after
+    extracts a copy of its own instead of holding the one being deleted."""
+    env = enabled()
+    r = run(f"""sleep 300 & a=$!
+sleep 300 & b=$!
+one=$(conda-stage --stage --owner-pid $a {env.name})
+conda-stage --unstage --background --owner-pid $a "$one"
+two=$(conda-stage --stage --owner-pid $b {env.name})
+[ "$one" != "$two" ] && echo "fresh=yes"
+test -x "$two/bin/python" && echo "usable=yes"
+conda-stage --unstage --owner-pid $b "$two"
+kill $a $b""")
+    assert r.returncode == 0, r.stderr
+    v = values(r.stdout)
+    assert v["fresh"] == "yes" and v["usable"] == "yes", r.stdout + r.stderr
+    assert r.stderr.count("INFO: Extracting ") == 2, r.stderr
+    assert "Using the copy another shell staged" not in r.stderr

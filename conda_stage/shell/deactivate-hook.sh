@@ -4,8 +4,10 @@
 # Sourced by conda while it deactivates an environment, in bash, zsh or sh.
 # In the original environment it does nothing; in a copy staged by an
 # interactive 'conda activate' it lets go of the copy (removed when no other
-# shell uses it).  (Copies staged by a batch job's prolog do not carry this
-# hook: the epilog removes them.)
+# shell uses it: renamed out of the way at once, its files deleted by a
+# detached process, so that 'conda deactivate' does not wait for that).
+# (Copies staged by a batch job's prolog do not carry this hook: the epilog
+# removes them.)
 # It defines no functions and unsets every variable it sets.
 #
 # conda also sources deactivate.d scripts when it switches from this
@@ -50,7 +52,7 @@ if [ "${CONDA_STAGE:-true}" != "false" ] && [ -z "${__conda_stage_busy:-}" ] \
             unset __conda_stage_key __conda_stage_value
         fi
         if [ -n "$__conda_stage_exe" ] && [ -x "$__conda_stage_exe" ]; then
-            "$__conda_stage_exe" --unstage --owner-pid "$$" "$CONDA_PREFIX" \
+            "$__conda_stage_exe" --unstage --background --owner-pid "$$" "$CONDA_PREFIX" \
                 || echo "WARNING: Could not remove the staged copy ${CONDA_PREFIX}" >&2
         else
             echo "WARNING: Cannot unstage '${CONDA_PREFIX}', because 'conda-stage' was not found" >&2
