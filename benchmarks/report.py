@@ -184,10 +184,12 @@ def markdown(res: dict) -> str:
                       f"{_goal(res, 'interactive cycle >= 3x faster than the original tool')} (goal ≥3x)")
         else:
             orig, result = f"skipped ({cy.get('skipped', 'no --original given')})", "goal ≥3x: not measured"
+        bg = md.get("background_removal")
+        bg = f" (the copy's files deleted in the background, done {_s(bg)} later)" if bg else ""
         lines.append(
             f"| interactive cycle: `conda activate` of the auto-staged env + `conda deactivate` "
-            f"(shared FS, client cache) | {orig} | **{_s(md['ours'])}** | plain conda, no staging "
-            f"{_s(md['plain'])} | {result} |")
+            f"(shared FS, client cache) | {orig} | **{_s(md['ours'])}**{bg} | plain conda, no "
+            f"staging {_s(md['plain'])} | {result} |")
     lines.append("")
     goals = res.get("goals", {})
     if goals:
