@@ -22,8 +22,8 @@ from pathlib import Path
 from . import output
 from .errors import StageError
 from .jobdir import JobDir, UnsafeBase, open_base, valid_key
-from .store import (PARENT_PREFIX, TRASH_SUFFIX, find_copies, find_trash, live_holders,
-                    remove_copy, remove_trash, remove_tree)
+from .store import (find_copies, find_trash, live_holders, own_parents, remove_copy,
+                    remove_trash, remove_tree)
 
 _PARTIAL = re.compile(r"^\.(.+)\.partial-([0-9]+)$")
 
@@ -71,16 +71,9 @@ def collect(base: Path, *, dry_run: bool = False) -> list[Path]:
 def _dead_partials(base: Path):
     """``conda-stage-*/.NAME.partial-PID`` folders of the current user whose
     process is gone."""
-    uid = os.getuid()
-    try:
-        parents = [e for e in os.scandir(base) if e.name.startswith(PARENT_PREFIX)
-                   and not e.name.endswith(TRASH_SUFFIX)
-                   and e.is_dir(follow_symlinks=False) and e.stat(follow_symlinks=False).st_uid == uid]
-    except OSError:
-        return
-    for parent in parents:
+    for parent in own_parents(base):
         try:
-            entries = list(os.scandir(parent.path))
+            entries = list(os.scandir(parent))
         except OSError:
             continue
         for entry in entries:

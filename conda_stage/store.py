@@ -168,22 +168,33 @@ def remove_copy(prefix: Path, marker: Marker) -> None:
             pass
 
 
-def find_copies(base: Path):
-    """Interactive copies under ``base``: ``(prefix, marker)`` pairs of the
-    ``conda-stage-*/<name>`` folders the current user owns."""
+def own_parents(base: Path, *, trash: bool = False) -> list[Path]:
+    """The current user's ``conda-stage-*`` folders under ``base`` (with
+    ``trash``: only the ``*.trash`` ones -- copies being removed in the
+    background, or left by a remover that died -- else only the others)."""
     uid = os.getuid()
     try:
         entries = list(os.scandir(base))
     except OSError:
-        return
+        return []
+    found = []
     for entry in entries:
-        if not entry.name.startswith(PARENT_PREFIX) or entry.name.endswith(TRASH_SUFFIX) \
-                or not entry.is_dir(follow_symlinks=False):
-            continue
         try:
-            if entry.stat(follow_symlinks=False).st_uid != uid:
-                continue
-            children = list(os.scandir(entry.path))
+            if (entry.name.startswith(PARENT_PREFIX) and entry.name.endswith(TRASH_SUFFIX) == trash
+                    and entry.is_dir(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_uid == uid):
+                found.append(Path(entry.path))
+        except OSError:
+            continue
+    return found
+
+
+def find_copies(base: Path):
+    """Interactive copies under ``base``: ``(prefix, marker)`` pairs of the
+    ``conda-stage-*/<name>`` folders the current user owns."""
+    for parent in own_parents(base):
+        try:
+            children = list(os.scandir(parent))
         except OSError:
             continue
         for child in children:
@@ -372,22 +383,9 @@ def _remover(trash: Path, lock_fd: int) -> int:  # pragma: no cover (a forked pr
         return 1
 
 
-def find_trash(base: Path):
-    """The current user's trash folders under ``base`` (copies being removed
-    in the background, or left by a remover that died)."""
-    uid = os.getuid()
-    try:
-        entries = list(os.scandir(base))
-    except OSError:
-        return
-    for entry in entries:
-        try:
-            if (entry.name.startswith(PARENT_PREFIX) and entry.name.endswith(TRASH_SUFFIX)
-                    and entry.is_dir(follow_symlinks=False)
-                    and entry.stat(follow_symlinks=False).st_uid == uid):
-                yield Path(entry.path)
-        except OSError:
-            continue
+def find_trash(base: Path) -> list[Path]:
+    """The current user's trash folders under ``base``."""
+    return own_parents(base, trash=True)
 
 
 def remove_trash(path: Path) -> bool:

@@ -224,3 +224,19 @@ def test_every_setting_is_documented_with_its_default():
             value = f"{value:g}"
         line = f"#CONDA_STAGE_{f.name.upper()}=" + (f"{value}\n" if value != "" else "")
         assert line in text, f.name  # (an empty default is shown with an example)
+
+
+def test_own_parents_tells_trash_from_copies_and_follows_no_link(tmp_path):
+    from conda_stage.gc import _dead_partials
+    from conda_stage.store import PARENT_PREFIX, TRASH_SUFFIX, find_trash, own_parents
+
+    (tmp_path / f"{PARENT_PREFIX}aaaa").mkdir()
+    (tmp_path / f"{PARENT_PREFIX}aaaa" / ".x.partial-999999999").mkdir()
+    (tmp_path / f"{PARENT_PREFIX}bbbb{TRASH_SUFFIX}").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / f"{PARENT_PREFIX}link").symlink_to(tmp_path / "other")
+    assert own_parents(tmp_path) == [tmp_path / f"{PARENT_PREFIX}aaaa"]
+    assert find_trash(tmp_path) == [tmp_path / f"{PARENT_PREFIX}bbbb{TRASH_SUFFIX}"]
+    assert list(_dead_partials(tmp_path)) == [tmp_path / f"{PARENT_PREFIX}aaaa" /
+                                              ".x.partial-999999999"]
+    assert own_parents(tmp_path / "missing") == []
