@@ -123,9 +123,16 @@ case "$OUT" in "$staged"/*) fail "python still resolves into the removed copy: $
 ok "python is back to the system's (${OUT:-none on this machine})"
 show "ls -d $(dirname "$staged")"
 [ ! -e "$(dirname "$staged")" ] || fail "$(dirname "$staged") was not removed"
-left=$(find "$base" -maxdepth 1 -name 'conda-stage-*' -user "$(id -u)" 2>/dev/null)
+# 'conda deactivate' renamed the copy's folder to *.trash and returned; a
+# process in the background deletes its files: wait for it (up to 30 s)
+tenths=0
+while left=$(find "$base" -maxdepth 1 -name 'conda-stage-*' -user "$(id -u)" 2>/dev/null) \
+    && [ -n "$left" ] && [ "$tenths" -lt 300 ]; do
+    sleep 0.1
+    tenths=$((tenths + 1))
+done
 [ -z "$left" ] || fail "staged folders left behind in $base: $left"
-ok "no conda-stage-* folder of $USER left in $base"
+ok "no conda-stage-* folder of $USER left in $base (deleted in the background within $((tenths / 10)).$((tenths % 10)) s)"
 
 note "Skip staging for one activation"
 run "CONDA_STAGE=false conda activate $env_name"
