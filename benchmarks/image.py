@@ -158,6 +158,49 @@ def table(results: dict) -> dict:
     return med
 
 
+WORKLOAD = "import json, sqlite3, ssl, xml.dom.minidom, email.parser, decimal"
+
+
+def shared_requests(env: Path, account: Account, base: Path) -> dict:
+    """What one job asks of the shared filesystem, with the environment
+    served through slowfs (no latency: it only counts): with the image
+    mounted in place, the whole job (prolog, a Python start importing
+    ``WORKLOAD`` from the mount, epilog); with the image copied, the prolog
+    -- after which the shared filesystem is unmounted and the job's Python
+    still runs (so it asks nothing of it)."""
+    from slowfs import mounted
+
+    shared = base / "shared"
+    shared.mkdir()
+    rows = {}
+    for mode in ("inplace", "image"):
+        config = Config(staging_dir=str(base / "jobs"), state_dir=str(base / "state"),
+                        share_copies=True, keep_unused=0.0, syslog=False, stage_mode="image",
+                        image_copy=mode == "image", conda_root="")
+        job = _job(config, account, 810000 + len(rows), shared / env.name)
+
+        def workload(item):
+            r = run_as(account, lambda: subprocess.run(
+                [f"{item['path']}/bin/python", "-c", WORKLOAD], capture_output=True).returncode)
+            assert r == 0, f"python from {item['path']} failed"
+
+        with mounted(str(env.parent), str(shared), meta_latency_ms=0.0,
+                     allow_other=True) as fs:
+            item = jobstage.prolog(job, config, _Log())["results"][0]
+            assert item["status"] == "staged" and item.get("image"), (item, _Log.lines[-5:])
+            if mode == "inplace":
+                workload(item)
+                jobstage.epilog(job, config, _Log())
+        if mode == "image":  # the shared filesystem is gone: the job still runs
+            workload(item)
+            jobstage.epilog(job, config, _Log())
+        stats = fs.stats or {}
+        counts = stats.get("counts", {})
+        rows[mode] = {"meta": stats.get("meta_requests"), "reads": counts.get("read", 0),
+                      "read_bytes": stats.get("bytes", {}).get("read", 0), "counts": counts}
+    return rows
+
+
 def main(argv=None) -> int:
     args, lay, site, user = bench_args(__doc__, argv)
     account = Account.lookup(user=user.name)
@@ -179,6 +222,7 @@ def main(argv=None) -> int:
             results[label]["image_bytes"] = [os.stat(env.parent / (env.name + image.SUFFIX))
                                              .st_size]
             results[label]["files"] = benchenv.tree_size(env)
+        requests = shared_requests(small, account, base)
     finally:
         os.chmod("/dev/fuse", fuse_mode)
         for env in envs.values():  # hooks, tarballs and images go: as they were
@@ -190,6 +234,13 @@ def main(argv=None) -> int:
         shutil.rmtree(base, ignore_errors=True)
     print(f"\n{args.reps} samples per row, medians, image and extraction alternated\n")
     med = table(results)
+    ip, cp = requests["inplace"], requests["image"]
+    print(f"\nshared filesystem, small environment, one job: image mounted in place: "
+          f"{ip['meta']} metadata requests, {ip['reads']} reads ({ip['read_bytes'] / 1e6:.1f} MB) "
+          f"for the whole job; image copied: {cp['meta']} metadata requests and {cp['reads']} "
+          f"reads ({cp['read_bytes'] / 1e6:.1f} MB) in the prolog, none after it (the job ran "
+          f"with the shared filesystem unmounted)")
+    results["shared_requests"] = requests
     if args.out:
         args.out.write_text(json.dumps({"samples": results, "medians": med}, indent=1,
                                        default=str))
