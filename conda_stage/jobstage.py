@@ -172,7 +172,7 @@ def _sweep(mine, account, log, label: str, *, deadline=None, keep=None, over=Non
     return removed
 
 
-def _terminate_under(paths: list, folder: str | None = None, live=()) -> int:
+def _terminate_under(paths: list, folder: str, live=()) -> int:
     """(user) Stop the user's processes running from the copy folders
     ``paths`` and unmount the images mounted there: the FUSE processes exit
     with their mounts.  An image nothing uses is unmounted first (a busy one
@@ -187,10 +187,7 @@ def _terminate_under(paths: list, folder: str | None = None, live=()) -> int:
         for point in mounts_under(path):
             unmount(point, listed=True, lazy=False)
         stopped += terminate_processes_under(path)
-    if folder is not None:
-        unmount_all(Path(folder), keep=set(live))
-    for path in map(Path, paths):
-        unmount_all(path)
+    unmount_all(Path(folder), keep=set(live))  # the doomed copies are under it, not live
     return stopped
 
 
