@@ -16,7 +16,16 @@ prefix-probe, ~2,900 files) -- both on local disk, alternating:
 * **local disk**: what each mode puts on the node (du of the store, not
   entering the mount).
 
-Run as root: ``/opt/conda-stage/bin/python benchmarks/image.py [--reps N]``.
+* **requests to the shared filesystem** (small environment): the
+  environment's folder served through ``slowfs.py`` (counting, no added
+  latency) in both configurations of ``run.py`` -- no client cache, and a
+  client cache of 1 s -- one job's requests per phase (prolog, job,
+  epilog), with the image copied and mounted in place.
+
+Run as root: ``/opt/conda-stage/bin/python benchmarks/image.py [--reps N]
+[--only requests] [--paths N]`` (``--only requests``: the shared
+filesystem's counts alone, a minute; ``--paths N``: the N paths each
+phase asks most about, with the asking command).
 /dev/fuse is made usable by users for the run and restored afterwards.
 """
 from __future__ import annotations
@@ -160,49 +169,131 @@ def table(results: dict) -> dict:
 
 WORKLOAD = "import json, sqlite3, ssl, xml.dom.minidom, email.parser, decimal"
 
+# slowfs as benchmarks/run.py configures it: no client cache (its default:
+# every lookup and stat of every path component reaches the server), and a
+# client that caches attributes, names and misses for 1 s (run.py's client_cache)
+SHARED_CONFIGS = {"no client cache": {},
+                  "client cache": dict(attr_timeout=1, entry_timeout=1, negative_timeout=1)}
+PHASES = ("prolog", "job", "epilog")
+
+
+def _minus(after: dict, before: dict) -> dict:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
+def _phase(stats: dict, before: dict) -> dict:
+    """The requests between two slowfs snapshots: metadata requests, reads,
+    and per operation / path / calling command."""
+    from slowfs import META_OPS
+
+    counts = _minus(stats.get("counts", {}), before.get("counts", {}))
+    paths = _minus(stats.get("paths", {}), before.get("paths", {}))
+    read_bytes = (stats.get("bytes", {}).get("read", 0)
+                  - before.get("bytes", {}).get("read", 0))
+    files_read = sorted({k.split(" ", 2)[1] for k in paths if k.startswith("read ")})
+    return {"meta": sum(v for k, v in counts.items() if k in META_OPS),
+            "reads": counts.get("read", 0), "read_bytes": read_bytes, "files_read": files_read,
+            "counts": counts, "paths": paths}
+
 
 def shared_requests(env: Path, account: Account, base: Path) -> dict:
-    """What one job asks of the shared filesystem, with the environment
-    served through slowfs (no latency: it only counts): with the image
-    mounted in place, the whole job (prolog, a Python start importing
-    ``WORKLOAD`` from the mount, epilog); with the image copied, the prolog
-    -- after which the shared filesystem is unmounted and the job's Python
-    still runs (so it asks nothing of it)."""
+    """What one job asks of the shared filesystem, with the environment's
+    folder served through slowfs (no latency: it only counts), in both of
+    run.py's slowfs configurations, per phase: the prolog, the job (a
+    Python start from the copy importing ``WORKLOAD``), the epilog.  The
+    shared filesystem stays mounted throughout, so anything a phase asks
+    of it is counted (the image copied: the job should ask nothing)."""
     from slowfs import mounted
 
     shared = base / "shared"
-    shared.mkdir()
+    shared.mkdir(exist_ok=True)
     rows = {}
-    for mode in ("inplace", "image"):
-        config = Config(staging_dir=str(base / "jobs"), state_dir=str(base / "state"),
-                        share_copies=True, keep_unused=0.0, syslog=False, stage_mode="image",
-                        image_copy=mode == "image", conda_root="")
-        job = _job(config, account, 810000 + len(rows), shared / env.name)
+    job_id = 810000
+    for label, cache in SHARED_CONFIGS.items():
+        for mode in ("inplace", "image"):
+            config = Config(staging_dir=str(base / "jobs"), state_dir=str(base / "state"),
+                            share_copies=True, keep_unused=0.0, syslog=False,
+                            stage_mode="image", image_copy=mode == "image", conda_root="")
+            job_id += 1
+            job = _job(config, account, job_id, shared / env.name)
 
-        def workload(item):
-            r = run_as(account, lambda: subprocess.run(
-                [f"{item['path']}/bin/python", "-c", WORKLOAD], capture_output=True).returncode)
-            assert r == 0, f"python from {item['path']} failed"
+            def workload(item):
+                r = run_as(account, lambda: subprocess.run(
+                    [f"{item['path']}/bin/python", "-c", WORKLOAD],
+                    capture_output=True).returncode)
+                assert r == 0, f"python from {item['path']} failed"
 
-        with mounted(str(env.parent), str(shared), meta_latency_ms=0.0,
-                     allow_other=True) as fs:
-            item = jobstage.prolog(job, config, _Log())["results"][0]
-            assert item["status"] == "staged" and item.get("image"), (item, _Log.lines[-5:])
-            if mode == "inplace":
+            with mounted(str(env.parent), str(shared), meta_latency_ms=0.0, allow_other=True,
+                         count_paths=True, **cache) as fs:
+                snaps = [{}]
+                item = jobstage.prolog(job, config, _Log())["results"][0]
+                assert item["status"] == "staged" and item.get("image"), (item,
+                                                                           _Log.lines[-5:])
+                snaps.append(fs.snapshot())
                 workload(item)
+                snaps.append(fs.snapshot())
                 jobstage.epilog(job, config, _Log())
-        if mode == "image":  # the shared filesystem is gone: the job still runs
-            workload(item)
-            jobstage.epilog(job, config, _Log())
-        stats = fs.stats or {}
-        counts = stats.get("counts", {})
-        rows[mode] = {"meta": stats.get("meta_requests"), "reads": counts.get("read", 0),
-                      "read_bytes": stats.get("bytes", {}).get("read", 0), "counts": counts}
+            snaps.append(fs.stats or {})
+            assert not image.mounts_under(base), "still mounted after the epilog"
+            rows[f"{label}/{mode}"] = {phase: _phase(snaps[i + 1], snaps[i])
+                                       for i, phase in enumerate(PHASES)}
     return rows
 
 
+def _sum(phases: list) -> dict:
+    return {"meta": sum(p["meta"] for p in phases), "reads": sum(p["reads"] for p in phases),
+            "read_bytes": sum(p["read_bytes"] for p in phases),
+            "files_read": sorted({f for p in phases for f in p["files_read"]})}
+
+
+def requests_table(rows: dict, image_name: str, show_paths: int = 0) -> None:
+    """The Markdown table of the shared filesystem's requests, with the
+    issue's goals: 0 after staging when the image is copied; the image
+    mounted in place: reads of one file (the image) and <= 10 metadata
+    requests for the whole job."""
+    def cell(p):
+        files = ", ".join(f.rsplit("/", 1)[-1] for f in p["files_read"]) or "none"
+        return (f"{p['meta']} metadata, {p['reads']} reads ({p['read_bytes'] / 1e6:.1f} MB"
+                f"{'' if not p['reads'] else ': ' + files})")
+
+    print("| shared filesystem | image | prolog | job (Python from the copy) | epilog | goal |")
+    print("|---|---|---|---|---|---|")
+    for key, phases in rows.items():
+        label, mode = key.split("/")
+        pro, job, epi = (phases[p] for p in PHASES)
+        if mode == "image":
+            after = _sum([job, epi])
+            met = after["meta"] == 0 and after["reads"] == 0
+            goal = (f"0 requests after staging: {after['meta'] + after['reads']} "
+                    f"{'✅' if met else '❌'}")
+        else:
+            whole = _sum([pro, job, epi])
+            one_file = [f.rsplit("/", 1)[-1] for f in whole["files_read"]] in ([image_name], [])
+            met = whole["meta"] <= 10 and one_file
+            goal = (f"whole job <= 10 metadata requests, reads of the image only: "
+                    f"{whole['meta']}, {'image only' if one_file else 'other files too'} "
+                    f"{'✅' if met else '❌'}")
+        where = "copied to local disk" if mode == "image" else "mounted in place"
+        print(f"| {label} | {where} | {cell(pro)} | {cell(job)} | {cell(epi)} | {goal} |")
+    if show_paths:
+        for key, phases in rows.items():
+            for phase in PHASES:
+                top = sorted(phases[phase]["paths"].items(), key=lambda kv: -kv[1])
+                if not top:
+                    continue
+                print(f"\n{key}, {phase}: {phases[phase]['counts']}")
+                for path, n in top[:show_paths]:
+                    print(f"  {n:5d}  {path}")
+
+
 def main(argv=None) -> int:
-    args, lay, site, user = bench_args(__doc__, argv)
+    import argparse
+
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--only", choices=("all", "requests"), default="all")
+    own.add_argument("--paths", type=int, default=0, metavar="N")
+    opts, rest = own.parse_known_args(argv)
+    args, lay, site, user = bench_args(__doc__, rest)
     account = Account.lookup(user=user.name)
     small = site.create_env(user, "cs-image-small", packages=("python", "prefix-probe"))
     base = Path(tempfile.mkdtemp(prefix="cs-bench-image-", dir="/var/tmp"))
@@ -210,12 +301,16 @@ def main(argv=None) -> int:
     fuse_mode = os.stat("/dev/fuse").st_mode & 0o777
     os.chmod("/dev/fuse", 0o666)
     envs = {"jupyter": lay.native_env, "small": small}
+    if opts.only == "requests":
+        envs = {"small": small}
     results = {}
     try:
         for label, env in envs.items():
             t0 = time.perf_counter()
             run_as(account, _build, str(env), str(base / "jobs"), timeout=1800)
             build = time.perf_counter() - t0
+            if opts.only == "requests":
+                continue
             results[label] = measure(env, account, base, args.reps, label == "jupyter",
                                      lay.native_env)
             results[label]["build"] = [build]
@@ -232,14 +327,13 @@ def main(argv=None) -> int:
         site.remove_env(user, small)
         subprocess.run(["chmod", "-R", "u+w", str(base)], check=False)
         shutil.rmtree(base, ignore_errors=True)
-    print(f"\n{args.reps} samples per row, medians, image and extraction alternated\n")
-    med = table(results)
-    ip, cp = requests["inplace"], requests["image"]
-    print(f"\nshared filesystem, small environment, one job: image mounted in place: "
-          f"{ip['meta']} metadata requests, {ip['reads']} reads ({ip['read_bytes'] / 1e6:.1f} MB) "
-          f"for the whole job; image copied: {cp['meta']} metadata requests and {cp['reads']} "
-          f"reads ({cp['read_bytes'] / 1e6:.1f} MB) in the prolog, none after it (the job ran "
-          f"with the shared filesystem unmounted)")
+    med = {}
+    if results:
+        print(f"\n{args.reps} samples per row, medians, image and extraction alternated\n")
+        med = table(results)
+    print("\nRequests to the shared filesystem (slowfs, counting only), small environment, "
+          "one job:\n")
+    requests_table(requests, small.name + image.SUFFIX, opts.paths)
     results["shared_requests"] = requests
     if args.out:
         args.out.write_text(json.dumps({"samples": results, "medians": med}, indent=1,

@@ -195,6 +195,7 @@ class SlowMount:
         self.stats_path = stats_path
         #: per-operation request counts and injected sleep; filled in after unmount
         self.stats: Optional[dict] = None
+        self.control = None  # socket: snapshot()
         self._log_text: Optional[str] = None
 
     def log(self) -> str:
@@ -206,6 +207,15 @@ class SlowMount:
                 return fh.read()
         except OSError:
             return ""
+
+    def snapshot(self, timeout: float = 30.0) -> dict:
+        """The statistics so far, asked for around the filesystem (no request)."""
+        self.control.settimeout(timeout)
+        self.control.sendall(b"s")
+        if self.control.recv(1) != b"k":
+            raise SlowFSError("slowfs did not answer the request for its statistics")
+        with open(self.stats_path) as fh:
+            return json.load(fh)
 
     def __repr__(self) -> str:
         return f"SlowMount({self.source!r} -> {self.mountpoint!r}, pid={self.pid})"
@@ -250,6 +260,7 @@ def mounted(
     busy_timeout: float = 3.0,
     log_path: Optional[str] = None,
     debug: bool = False,
+    count_paths: bool = False,
 ) -> Iterator[SlowMount]:
     """Mount SOURCE at MOUNTPOINT through slowfs for the duration of the ``with`` block.
 
@@ -260,7 +271,9 @@ def mounted(
     lazily and the process is stopped; later access to those files gets ENOTCONN.
     ``allow_other=None`` means "if possible" (root, or ``user_allow_other`` in
     /etc/fuse.conf).  *python* runs the filesystem (default: this interpreter; it
-    needs mfusepy).  After the block, ``.stats`` holds per-operation request counts.
+    needs mfusepy).  After the block, ``.stats`` holds per-operation request counts
+    (``count_paths``: also per operation, path and calling command, under "paths");
+    ``.snapshot()`` returns them so far, inside the block.
     """
     source = os.path.abspath(source)
     mountpoint = os.path.abspath(mountpoint)
@@ -276,6 +289,9 @@ def mounted(
     log_path = log_path or os.path.join(workdir, "slowfs.log")
     stats_path = os.path.join(workdir, "stats.json")
     ready_r, ready_w = os.pipe()
+    import socket
+
+    control, control_child = socket.socketpair()
     cmd = build_command(
         source, mountpoint, python=python, foreground=True,
         meta_latency_ms=meta_latency_ms, read_latency_ms=read_latency_ms,
@@ -283,30 +299,36 @@ def mounted(
         write_bandwidth_mbps=write_bandwidth_mbps, attr_timeout=attr_timeout,
         entry_timeout=entry_timeout, negative_timeout=negative_timeout, data_cache=data_cache,
         allow_other=allow_other, max_threads=max_threads, single_thread=single_thread,
-        xattrs=xattrs, debug=debug, stats_file=stats_path, ready_fd=ready_w,
+        xattrs=xattrs, debug=debug, count_paths=count_paths, stats_file=stats_path,
+        ready_fd=ready_w, control_fd=control_child.fileno(),
         parent_pid=os.getpid(),
     )
     log_fh = open(log_path, "ab")
     try:
         proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT,
-            pass_fds=(ready_w,), env=_child_env(), cwd="/",
+            pass_fds=(ready_w, control_child.fileno()), env=_child_env(), cwd="/",
             start_new_session=True,  # a ^C in the parent doesn't kill the FS mid-unmount
         )
     except BaseException:
         os.close(ready_r)
         os.close(ready_w)
+        control.close()
+        control_child.close()
         log_fh.close()
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     os.close(ready_w)
+    control_child.close()
     log_fh.close()
     handle = SlowMount(source, mountpoint, proc, log_path, stats_path)
+    handle.control = control
     try:
         _wait_ready(proc, ready_r, mountpoint, timeout, handle)
         yield handle
     finally:
         os.close(ready_r)
+        control.close()
         _teardown(handle, timeout, busy_timeout)
         with contextlib.suppress(OSError, ValueError):
             with open(stats_path) as fh:
@@ -443,6 +465,7 @@ def make_operations(args: argparse.Namespace):  # noqa: C901 - one class, many s
             self.read_bw = _Throttle(args.read_bandwidth_mbps * 1e6)
             self.write_bw = _Throttle(args.write_bandwidth_mbps * 1e6)
             self.counts: Counter = Counter()
+            self.paths: Counter = Counter()  # --count-paths
             self.bytes = Counter()
             self.slept = 0.0
             self.mutex = threading.Lock()  # NB: an attribute named 'lock' would register the FUSE lock op
@@ -454,24 +477,78 @@ def make_operations(args: argparse.Namespace):  # noqa: C901 - one class, many s
         def _p(self, path: str) -> str:
             return self.root + path
 
-        def _meta(self, op: str) -> None:
+        def _meta(self, op: str, path: str) -> None:
             with self.mutex:
                 self.counts[op] += 1
                 self.slept += self.meta_s
+            if args.count_paths:
+                self._count_path(op, path)
             if self.meta_s:
                 self._sleep(self.meta_s)
 
-        def _data(self, op: str, nbytes: int, latency: float, throttle: _Throttle) -> None:
+        def _data(self, op: str, nbytes: int, latency: float, throttle: _Throttle,
+                  path: str) -> None:
             with self.mutex:
                 self.counts[op] += 1
                 self.bytes[op] += nbytes
                 self.slept += latency
+            if args.count_paths:
+                self._count_path(op, path)
             if latency:
                 self._sleep(latency)
             waited = throttle(nbytes)
             if waited:
                 with self.mutex:
                     self.slept += waited
+
+        def _count_path(self, op: str, path: str) -> None:
+            """--count-paths: the request under "op path (command of the caller)";
+            the kernel's own requests (revalidation, readahead) carry the pid
+            of the process whose access caused them."""
+            _uid, _gid, pid = mfusepy.fuse_get_context()
+            try:
+                with open(f"/proc/{pid}/comm") as fh:
+                    comm = fh.read().strip()
+            except OSError:
+                comm = "?"
+            with self.mutex:
+                self.paths[f"{op} {path} ({comm})"] += 1
+
+        def _serve_snapshots(self, fd: int) -> None:
+            """--control-fd: each byte received on the socket writes the stats
+            file, then a byte answers (``SlowMount.snapshot()``); asking goes
+            around the filesystem, so it adds no request."""
+            import socket
+
+            sock = socket.socket(fileno=fd)
+
+            def serve() -> None:
+                with sock:
+                    while sock.recv(1):
+                        self._write_stats()
+                        sock.sendall(b"k")
+
+            threading.Thread(target=serve, daemon=True, name="slowfs-control").start()
+
+        def _write_stats(self) -> None:
+            if not args.stats_file:
+                return
+            with self.mutex:  # also serialises writers of the file
+                data = {
+                    "counts": dict(self.counts),
+                    "bytes": dict(self.bytes),
+                    "meta_requests": sum(v for k, v in self.counts.items() if k in META_OPS),
+                    "injected_sleep_s": round(self.slept, 6),
+                    "uptime_s": round(time.time() - self.started, 3),
+                    "options": {k: v for k, v in vars(args).items()
+                                if k not in ("ready_fd", "control_fd")},
+                }
+                if args.count_paths:
+                    data["paths"] = dict(self.paths)
+                tmp = args.stats_file + ".tmp"
+                with open(tmp, "w") as fh:
+                    json.dump(data, fh, indent=1, sort_keys=True)
+                os.replace(tmp, args.stats_file)
 
         def _sleep(self, seconds: float) -> None:
             """Sleep *seconds*, correcting for the wake-up overshoot of time.sleep().
@@ -504,29 +581,19 @@ def make_operations(args: argparse.Namespace):  # noqa: C901 - one class, many s
 
         # ---- lifecycle -----------------------------------------------------------
         def init(self, path: str) -> None:
+            if args.control_fd is not None:
+                self._serve_snapshots(args.control_fd)
             if args.ready_fd is not None:
                 with contextlib.suppress(OSError):
                     os.write(args.ready_fd, b"ready\n")
                     os.close(args.ready_fd)
 
         def destroy(self, path: str) -> None:
-            if args.stats_file:
-                data = {
-                    "counts": dict(self.counts),
-                    "bytes": dict(self.bytes),
-                    "meta_requests": sum(v for k, v in self.counts.items() if k in META_OPS),
-                    "injected_sleep_s": round(self.slept, 6),
-                    "uptime_s": round(time.time() - self.started, 3),
-                    "options": {k: v for k, v in vars(args).items() if k not in ("ready_fd",)},
-                }
-                tmp = args.stats_file + ".tmp"
-                with open(tmp, "w") as fh:
-                    json.dump(data, fh, indent=1, sort_keys=True)
-                os.replace(tmp, args.stats_file)
+            self._write_stats()
 
         # ---- metadata ------------------------------------------------------------
         def getattr(self, path: str, fh: Optional[int] = None) -> dict:
-            self._meta("getattr")
+            self._meta("getattr", path)
             st = os.fstat(fh) if fh is not None else os.lstat(self._p(path))
             return {
                 "st_mode": st.st_mode, "st_ino": st.st_ino, "st_nlink": st.st_nlink,
@@ -536,31 +603,31 @@ def make_operations(args: argparse.Namespace):  # noqa: C901 - one class, many s
             }
 
         def readlink(self, path: str) -> str:
-            self._meta("readlink")
+            self._meta("readlink", path)
             return os.readlink(self._p(path))
 
         def access(self, path: str, amode: int) -> int:
-            self._meta("access")
+            self._meta("access", path)
             if not os.access(self._p(path), amode, follow_symlinks=False):
                 raise OSError(errno.EACCES, "access denied")
             return 0
 
         def statfs(self, path: str) -> dict:
-            self._meta("statfs")
+            self._meta("statfs", path)
             sv = os.statvfs(self._p(path))
             return {k: getattr(sv, k) for k in (
                 "f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
                 "f_favail", "f_flag", "f_namemax")}
 
         def opendir(self, path: str) -> int:
-            self._meta("opendir")
+            self._meta("opendir", path)
             # check it exists and is a readable directory, like the real opendir
             fd = os.open(self._p(path), os.O_RDONLY | os.O_DIRECTORY)
             os.close(fd)
             return 0
 
         def readdir(self, path: str, fh: int):
-            self._meta("readdir")
+            self._meta("readdir", path)
             p = self._p(path)
             # d_ino 0 makes glibc's readdir() skip the entry, so give . and .. real numbers
             entries = [(".", {"st_mode": stat.S_IFDIR, "st_ino": os.lstat(p).st_ino}, 0),
@@ -586,7 +653,7 @@ def make_operations(args: argparse.Namespace):  # noqa: C901 - one class, many s
             return 0
 
         def fsyncdir(self, path: str, datasync: int, fh: int) -> int:
-            self._meta("fsyncdir")
+            self._meta("fsyncdir", path)
             fd = os.open(self._p(path), os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(fd)
@@ -595,32 +662,32 @@ def make_operations(args: argparse.Namespace):  # noqa: C901 - one class, many s
             return 0
 
         def mkdir(self, path: str, mode: int) -> int:
-            self._meta("mkdir")
+            self._meta("mkdir", path)
             p = self._p(path)
             os.mkdir(p, mode)
             self._give_to_caller(p)
             return 0
 
         def rmdir(self, path: str) -> int:
-            self._meta("rmdir")
+            self._meta("rmdir", path)
             os.rmdir(self._p(path))
             return 0
 
         def mknod(self, path: str, mode: int, dev: int) -> int:
-            self._meta("mknod")
+            self._meta("mknod", path)
             p = self._p(path)
             os.mknod(p, mode, dev)
             self._give_to_caller(p)
             return 0
 
         def unlink(self, path: str) -> int:
-            self._meta("unlink")
+            self._meta("unlink", path)
             os.unlink(self._p(path))
             return 0
 
         def symlink(self, target: str, source: str) -> int:
             # mfusepy: symlink(link_path, link_contents)
-            self._meta("symlink")
+            self._meta("symlink", target)
             p = self._p(target)
             os.symlink(source, p)
             self._give_to_caller(p)
@@ -628,12 +695,12 @@ def make_operations(args: argparse.Namespace):  # noqa: C901 - one class, many s
 
         def link(self, target: str, source: str) -> int:
             # mfusepy: link(new_path, existing_path)
-            self._meta("link")
+            self._meta("link", target)
             os.link(self._p(source), self._p(target), follow_symlinks=False)
             return 0
 
         def rename(self, old: str, new: str, flags: int = 0) -> int:
-            self._meta("rename")
+            self._meta("rename", old)
             if flags:
                 fn = _libc.renameat2
                 fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
@@ -644,17 +711,17 @@ def make_operations(args: argparse.Namespace):  # noqa: C901 - one class, many s
             return 0
 
         def chmod(self, path: str, mode: int) -> int:
-            self._meta("chmod")
+            self._meta("chmod", path)
             os.chmod(self._p(path), mode)
             return 0
 
         def chown(self, path: str, uid: int, gid: int) -> int:
-            self._meta("chown")
+            self._meta("chown", path)
             os.lchown(self._p(path), uid, gid)
             return 0
 
         def truncate(self, path: str, length: int, fh: Optional[int] = None) -> int:
-            self._meta("truncate")
+            self._meta("truncate", path)
             if fh is not None:
                 os.ftruncate(fh, length)
             else:
@@ -663,7 +730,7 @@ def make_operations(args: argparse.Namespace):  # noqa: C901 - one class, many s
 
         def utimens_raw(self, path: str, times) -> int:
             """times: None (now) or ((a_sec, a_nsec), (m_sec, m_nsec)) incl. UTIME_NOW/OMIT."""
-            self._meta("utimens")
+            self._meta("utimens", path)
             p = self._p(path)
             if times is None:
                 ts = None
@@ -680,11 +747,11 @@ def make_operations(args: argparse.Namespace):  # noqa: C901 - one class, many s
 
         # ---- files ---------------------------------------------------------------
         def open(self, path: str, flags: int) -> int:
-            self._meta("open")
+            self._meta("open", path)
             return os.open(self._p(path), flags & ~os.O_CREAT)
 
         def create(self, path: str, mode: int, flags: int) -> int:
-            self._meta("create")
+            self._meta("create", path)
             p = self._p(path)
             fd = os.open(p, flags | os.O_CREAT, mode)
             try:
@@ -696,11 +763,11 @@ def make_operations(args: argparse.Namespace):  # noqa: C901 - one class, many s
 
         def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
             data = os.pread(fh, size, offset)
-            self._data("read", len(data), self.read_s, self.read_bw)
+            self._data("read", len(data), self.read_s, self.read_bw, path)
             return data
 
         def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
-            self._data("write", len(data), self.write_s, self.write_bw)
+            self._data("write", len(data), self.write_s, self.write_bw, path)
             return os.pwrite(fh, data, offset)
 
         def flush(self, path: str, fh: int) -> int:
@@ -713,7 +780,7 @@ def make_operations(args: argparse.Namespace):  # noqa: C901 - one class, many s
             return 0
 
         def fsync(self, path: str, datasync: int, fh: int) -> int:
-            self._meta("fsync")
+            self._meta("fsync", path)
             if datasync:
                 os.fdatasync(fh)
             else:
@@ -722,20 +789,20 @@ def make_operations(args: argparse.Namespace):  # noqa: C901 - one class, many s
 
     if args.xattrs:
         def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
-            self._meta("getxattr")
+            self._meta("getxattr", path)
             return os.getxattr(self._p(path), name, follow_symlinks=False)
 
         def listxattr(self, path: str):
-            self._meta("listxattr")
+            self._meta("listxattr", path)
             return os.listxattr(self._p(path), follow_symlinks=False)
 
         def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
-            self._meta("setxattr")
+            self._meta("setxattr", path)
             os.setxattr(self._p(path), name, value, options, follow_symlinks=False)
             return 0
 
         def removexattr(self, path: str, name: str) -> int:
-            self._meta("removexattr")
+            self._meta("removexattr", path)
             os.removexattr(self._p(path), name, follow_symlinks=False)
             return 0
 
@@ -957,7 +1024,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--no-auto-unmount", dest="auto_unmount", action="store_false",
                     help="do not ask fusermount3 to unmount if this process dies")
     ap.add_argument("--stats-file", help="write per-operation counts as JSON here at unmount")
+    ap.add_argument("--count-paths", action="store_true",
+                    help="also count requests per operation, path and calling command (stats "
+                         "file: 'paths')")
     ap.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--parent-pid", type=int,
                     help="(foreground) lazily unmount when this process, our parent, has died")
     ap.add_argument("--debug", "-d", action="store_true", help="libfuse debug output (foreground)")
