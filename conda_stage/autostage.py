@@ -4,8 +4,9 @@ Enabling puts two hook scripts into the ORIGINAL environment (conda sources
 ``activate.d``/``deactivate.d`` scripts in sorted order on activation and in
 reverse order on deactivation, hence the ``zzz``/``000`` names), records the
 ``conda-stage`` executable and options in ``etc/conda-stage/auto-stage.conf``,
-and packs the environment once.  Disabling removes all of it, tarball
-included.
+and packs the environment once (with ``image``, its squashfs image too; an
+environment that has an image keeps it current).  Disabling removes all of
+it, tarball and image included.
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def _check_allowed(env: Env, environ) -> None:
 
 
 def enable(env: Env, *, quiet: bool = False, writable: bool = False,
-           fmt: str | None = None, environ=None) -> None:
+           fmt: str | None = None, image: bool = False, environ=None) -> None:
     environ = os.environ if environ is None else environ
     _check_allowed(env, environ)
     output.info("Configuring automatic staging and unstaging of original Conda environment  ...")
@@ -96,6 +97,15 @@ def enable(env: Env, *, quiet: bool = False, writable: bool = False,
     from .pack import pack  # not at the top: --stage reads read_conf without packing
 
     pack(env, fmt=fmt, force=replaced)
+    if image:
+        from .config import Config
+        from .image import build
+
+        build(env, staging_dir=Config.load().staging_dir)
+    else:
+        from .image import keep_current
+
+        keep_current(env)
     output.info("Enabled auto-staging")
     output.info("Enabled auto-unstaging")
 

@@ -74,7 +74,7 @@ class CondaStage(_App):
 
     PROGNAME = "conda-stage"
     VERSION = __version__
-    USAGE = ("    conda-stage --auto-stage=enable|disable [ENV]\n"
+    USAGE = ("    conda-stage --auto-stage=enable [--image] | --auto-stage=disable [ENV]\n"
              "    conda-stage --pack [--force] [--format tar.zst|tar.gz] [--image] [ENV]\n"
              "    conda-stage --stage [--writable] [--path DIR] [ENV]\n"
              "    conda-stage --unstage [--force] [--background] [STAGED_PREFIX]\n"
@@ -102,10 +102,12 @@ class CondaStage(_App):
     path = cli.SwitchAttr("--path", str, default=None, argname="DIR",
                           help="With --stage: stage into exactly DIR, which must not exist "
                                "(default: a new conda-stage-XXXXXXXX folder in $TMPDIR)")
-    image = cli.Flag("--image", requires=["--pack"],
-                     help="With --pack: also build the squashfs image that scheduler hooks "
-                          "mount instead of extracting (CONDA_STAGE_STAGE_MODE=auto|image); "
-                          "needs mksquashfs")
+    image = cli.Flag("--image",
+                     help="With --pack or --auto-stage=enable: also build the squashfs image "
+                          "that scheduler hooks mount instead of extracting "
+                          "(CONDA_STAGE_STAGE_MODE=auto|image; needs mksquashfs). An "
+                          "environment that has an image gets it rebuilt whenever it is "
+                          "repacked")
     ignore_missing = cli.Flag("--ignore-missing-files",
                               help="Pack even if files conda installed were deleted")
     owner_pid = cli.SwitchAttr("--owner-pid", int, default=None, argname="PID",
@@ -133,6 +135,9 @@ class CondaStage(_App):
                              "--unstage (see 'conda-stage --help')")
         if len(chosen) > 1:
             raise UsageError(f"Choose one action, not {' and '.join(chosen)}")
+        if self.image and not (self.do_pack or self.auto_stage == "enable"):
+            raise UsageError("--image goes with --pack or --auto-stage=enable "
+                             "(see 'conda-stage --help')")
         if self.auto_stage:
             return self._auto_stage(env)
         if self.do_pack:
@@ -146,6 +151,10 @@ class CondaStage(_App):
                 from .image import build
 
                 build(target, staging_dir=Config.load().staging_dir)
+            else:
+                from .image import keep_current
+
+                keep_current(target)
             return 0
         if self.do_stage:
             return self._stage(env)
@@ -156,7 +165,8 @@ class CondaStage(_App):
 
         target = resolve(env)
         if self.auto_stage == "enable":
-            autostage.enable(target, quiet=self.quiet, writable=self.writable, fmt=self.fmt)
+            autostage.enable(target, quiet=self.quiet, writable=self.writable, fmt=self.fmt,
+                             image=self.image)
         else:
             autostage.disable(target)
         return 0

@@ -185,6 +185,29 @@ def build(env: Env, *, staging_dir: str, lock_timeout: float | None = None) -> I
     return meta
 
 
+def has_image(env: Env) -> bool:
+    """Whether ``env`` was packed with an image (its image or sidecar is there)."""
+    image = Image(env)
+    return os.path.lexists(image.meta_path) or os.path.lexists(image.path)
+
+
+def keep_current(env: Env, *, lock_timeout: float | None = None) -> None:
+    """(user) After packing: rebuild the image of an environment that has
+    one, so that its jobs keep mounting instead of extracting (an image
+    older than the tarball is not used).  Never fails the caller, whose
+    tarball is fresh: a problem is one warning line."""
+    if not has_image(env):
+        return
+    from .config import Config
+
+    try:
+        build(env, staging_dir=Config.load().staging_dir, lock_timeout=lock_timeout)
+    except (StageError, OSError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        output.warn(f"The image {Image(env).path} was not rebuilt ({printable(why)}); jobs "
+                    f"extract the tarball until 'conda stage --pack --image' succeeds")
+
+
 def _mksquashfs(tree: Path, out: Path) -> None:
     from .formats import cpu_count
 

@@ -287,9 +287,11 @@ def _repack(env: Env, reason: str, lock_timeout, deadline) -> None:
     left = _time_left(deadline, "before its tarball could be rebuilt")
     timeout = lock_timeout if left is None else (left if lock_timeout is None
                                                  else min(left, lock_timeout))
+    from .image import keep_current
     from .pack import pack
 
     pack(env, lock_timeout=timeout)
+    keep_current(env, lock_timeout=timeout)
 
 
 def _stage_from(env, meta, fh, tarball, *, path, base, name, writable, owner_pid, mode, job_id,

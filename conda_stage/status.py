@@ -44,6 +44,7 @@ def status_lines(env: Env, base: Path | None = None) -> list[str]:
         lines.append(f"              {meta.format}, {meta.files} files, "
                      f"{meta.unpacked_bytes / 1e6:.1f} MB unpacked, packed {age} ago "
                      f"in {meta.pack_seconds:.1f} s; {freshness}")
+    lines.append(f"Image:        {_image_state(env, tarball.path)}")
     copies = [(p, m) for p, m in find_copies(base or staging_base())
               if m.original == str(env.prefix)]
     if not copies:
@@ -54,6 +55,26 @@ def status_lines(env: Env, base: Path | None = None) -> list[str]:
                 else "its shells are gone: 'conda-stage gc' removes it")
         lines.append(f"Staged:       {path} ({held})")
     return lines
+
+
+def _image_state(env: Env, tarball_path: Path) -> str:
+    """The image's line: none, or its file, size, mount path and whether
+    jobs can use it with the current tarball."""
+    from .image import Image, has_image
+
+    if not has_image(env):
+        return "none (jobs extract the tarball; 'conda stage --pack --image' builds one)"
+    image = Image(env)
+    meta = image.read_meta()
+    if meta is None:
+        return f"{image.path} (no valid sidecar: rebuild it with 'conda stage --pack --image')"
+    try:
+        why = image.usable(os.stat(tarball_path), meta.mount_prefix)
+    except OSError:
+        why = "there is no tarball"
+    state = "current" if why is None else f"not used: {why}"
+    return (f"{image.path} ({meta.size / 1e6:.1f} MB, mounted by jobs at "
+            f"{output.printable(meta.mount_prefix)}); {state}")
 
 
 def node_status(*, as_json: bool = False) -> str:

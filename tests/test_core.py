@@ -142,6 +142,55 @@ def test_conda_install_makes_tarball_stale_and_activation_repacks(enabled, run, 
     assert "README" in r.stdout or r.stdout.strip(), r.stdout
 
 
+def test_an_image_is_kept_current_when_the_environment_is_repacked(new_env, run, conda_site,
+                                                                  conda_user):
+    """--auto-stage=enable --image builds the image too; after a change, the
+    activation that repacks rebuilds it (a new image id, for the new tarball),
+    so jobs keep mounting; status says so; disabling removes it."""
+    if not shutil.which("mksquashfs"):
+        pytest.fail("mksquashfs is needed (tools/bootstrap.sh installs squashfs-tools)",
+                    pytrace=False)
+    env = new_env()
+    image, sidecar = env.parent / f"{env.name}.sqfs", env.parent / f"{env.name}.sqfs.json"
+    try:
+        r = run(f"conda stage --stage --image {env.name}")
+        assert r.returncode != 0 and "--image goes with --pack or --auto-stage=enable" in r.stderr
+        r = run(f"conda stage --auto-stage=enable --image {env.name}")
+        assert r.returncode == 0, r.stderr
+        assert "INFO: Created image " in r.stderr, r.stderr
+        first = json.loads(sidecar.read_text())
+        r = run(f"conda stage status {env.name}")
+        assert re.search(r"^Image: .*\.sqfs \(.* MB, mounted by jobs at /.*\); current$",
+                         r.stdout, re.M), r.stdout
+        conda_site.install(conda_user, env, "cs-extra")
+        r = run(f"conda stage status {env.name}")
+        # not repacked yet: the tarball is stale, the image still matches it
+        assert "stale: the environment changed since it was packed" in r.stdout, r.stdout
+        assert re.search(r"^Image: .*; current$", r.stdout, re.M), r.stdout
+        r = run(f"conda activate {env.name} && conda deactivate")
+        assert r.returncode == 0, r.stderr
+        assert "[ONCE] Packaging Conda environment, because the environment changed" in r.stderr
+        assert "INFO: Created image " in r.stderr, r.stderr
+        second = json.loads(sidecar.read_text())
+        tarball = os.stat(env.parent / f"{env.name}.tar.zst")
+        assert second["image_id"] != first["image_id"]
+        assert (second["tarball_size"], second["tarball_mtime_ns"]) == \
+            (tarball.st_size, tarball.st_mtime_ns)
+        assert second["size"] == image.stat().st_size
+        r = run(f"conda stage status {env.name}")
+        assert re.search(r"^Image: .*; current$", r.stdout, re.M), r.stdout
+        # --pack without --image, nothing changed: the image stays as it is
+        r = run(f"conda stage --pack {env.name}")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(sidecar.read_text()) == second
+        r = run(f"conda stage --auto-stage=disable {env.name}")
+        assert r.returncode == 0, r.stderr
+        assert not image.exists() and not sidecar.exists()
+    finally:
+        for p in (image, sidecar):
+            p.unlink(missing_ok=True)
+
+
 def test_pip_install_makes_tarball_stale(enabled, run, user_tmp):
     env = enabled()
     wheel = make_wheel(user_tmp, "tinypkg")
