@@ -27,7 +27,6 @@ the pack record no quick check, and the full fingerprint is used.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -78,6 +77,8 @@ def _parts(prefix: Path) -> list[tuple[str, str, list[str]]]:
 
 
 def _digest(parts) -> str:
+    import hashlib  # 4-5 ms (OpenSSL): only when a fingerprint is computed
+
     h = hashlib.sha256()
     for _, label, values in parts:
         h.update("\0".join((label, *values)).encode("utf-8", "surrogateescape") + b"\n")
