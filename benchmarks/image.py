@@ -146,23 +146,23 @@ def table(results: dict) -> dict:
         si, sp, se = m["stage_image"], m["stage_inplace"], m["stage_extract"]
         ti, tp, te = m["teardown_image"], m["teardown_inplace"], m["teardown_extract"]
         print(f"| {name} | stage (prolog) | {si:.3f} s | {sp:.3f} s | {se:.3f} s | "
-              f"{se / si:.1f}x faster | <= 0.2 s: {'pass' if si <= 0.2 else 'FAIL'} |")
+              f"{se / si:.1f}x faster | <= 0.2 s: {'✅' if si <= 0.2 else '❌'} |")
         print(f"| {name} | tear down (epilog) | {ti:.3f} s | {tp:.3f} s | {te:.3f} s | "
-              f"{te / ti:.1f}x faster | <= 0.05 s: {'pass' if ti <= 0.05 else 'FAIL'} |")
+              f"{te / ti:.1f}x faster | <= 0.05 s: {'✅' if ti <= 0.05 else '❌'} |")
         # the folders (users/<uid>, the copy's, the mount point) are the
         # in-place row's: what the copied image adds is the image's own blocks
         di, dp = m["disk_image"], m["disk_inplace"]
         print(f"| {name} | local disk | {di / 1e6:.1f} MB | {dp / 1e6:.2f} MB (its folders) | "
               f"{m['disk_extract'] / 1e6:.0f} MB | | image's blocks <= the image "
               f"({m['image_bytes'] / 1e6:.1f} MB): "
-              f"{'pass' if di - dp <= _blocks(m['image_bytes']) else 'FAIL'} |")
+              f"{'✅' if di - dp <= _blocks(m['image_bytes']) else '❌'} |")
         if m.get("version_image"):
             vi, vp, ve = m["version_image"], m["version_inplace"], m["version_extract"]
             vn = m["version_native"]
             print(f"| {name} | jupyter --version (native {vn:.3f} s) | {vi:.3f} s "
                   f"({vi / vn:.2f}x native) | {vp:.3f} s ({vp / vn:.2f}x) | {ve:.3f} s "
                   f"({ve / vn:.2f}x) | | <= 1.10x native: "
-                  f"{'pass' if vi <= 1.10 * vn else 'FAIL'} |")
+                  f"{'✅' if vi <= 1.10 * vn else '❌'} |")
         print(f"| {name} | build image (once, by the user) | {m['build']:.1f} s | | | | |")
     return med
 
