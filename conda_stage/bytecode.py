@@ -46,7 +46,6 @@ import stat
 import subprocess
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import output
@@ -69,7 +68,7 @@ import sys
 if sys.version_info < (3, 7) or getattr(sys.implementation, "cache_tag", None) is None:
     sys.stdout.write('{"unsupported": "%s"}\n' % sys.version.split()[0])
     sys.exit(0)
-import json, marshal, os, warnings
+import json, marshal, os, stat, warnings
 from importlib.util import MAGIC_NUMBER, source_hash
 warnings.simplefilter("ignore")
 TAG = sys.implementation.cache_tag
@@ -105,19 +104,79 @@ def why(exc):
     text = str(exc).splitlines()[0] if str(exc).strip() else ""
     return (type(exc).__name__ + (": " + text if text else ""))[:300]
 
+def head(path):
+    """(fstat, first 16 bytes) of a regular file, not through a symlink; None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return st, os.pread(fd, 16, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+def is_stale(h, mtime, size):
+    if len(h) < 16 or h[:4] != MAGIC_NUMBER:
+        return True
+    flags = int.from_bytes(h[4:8], "little")
+    if flags & ~3:
+        return True
+    if flags & 1:
+        return False
+    return h[8:12] != u32(mtime) or h[12:16] != u32(size)
+
+def check(job):
+    """None, or (job, mtime, size, valid in the environment itself)."""
+    try:
+        py = os.lstat(bytes.fromhex(job["py"]))
+    except OSError:
+        return None
+    if not stat.S_ISREG(py.st_mode):
+        return None
+    got = head(bytes.fromhex(job["pyc"]))
+    if got is None:
+        return None
+    mtime = int(py.st_mtime)
+    if not is_stale(got[1], mtime, py.st_size):
+        return None
+    own = job.get("own")
+    mine = head(bytes.fromhex(own)) if own else None
+    reuse = mine is not None and mine[1][4:8] == b"\0\0\0\0" and not is_stale(mine[1], mtime, py.st_size)
+    return job, mtime, py.st_size, reuse
+
 def pack(outdir):
-    """Jobs (one JSON line each) -> outdir/<i>.pyc; failures -> outdir/errors."""
+    """Candidates (a line of options, then one JSON line each): say which
+    .pyc are stale (one JSON line), then compile those not valid in the
+    environment itself -> outdir/<i>.pyc; failures -> outdir/errors."""
     errors = open(os.path.join(outdir, "errors"), "w")
-    jobs = sys.stdin.buffer.read().splitlines()  # all of it first: the packer never waits
-    for line in jobs:
-        job = json.loads(line)
+    lines = sys.stdin.buffer.read().splitlines()  # all of it first: the packer never waits
+    if not lines:
+        return
+    threads = int(json.loads(lines[0]).get("threads", 1))
+    jobs = [json.loads(line) for line in lines[1:]]
+    if threads > 1 and len(jobs) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(threads) as pool:
+            found = [f for f in pool.map(check, jobs) if f is not None]
+    else:
+        found = [f for f in map(check, jobs) if f is not None]
+    sys.stdout.write(json.dumps({"stale": [job["i"] for job, _, _, _ in found]}) + "\n")
+    sys.stdout.flush()
+    for job, mtime, size, reuse in found:
+        if reuse:
+            continue
         try:
-            with open(bytes.fromhex(job["src"]), "rb") as fh:
+            with open(bytes.fromhex(job["py"]), "rb") as fh:
                 data = fh.read()
-            if len(data) != job["size"]:
+            if len(data) != size:
                 raise OSError("it changed while being packed")
             out = compiled(data, os.fsdecode(bytes.fromhex(job["dfile"])), job["opt"], 0,
-                           job["mtime"], job["size"])
+                           mtime, size)
             put(os.fsencode(os.path.join(outdir, "%d.pyc" % job["i"])), out, 0o644)
         except Exception as exc:
             errors.write(json.dumps([job["i"], why(exc)]) + "\n")
@@ -299,19 +358,20 @@ def candidates(files, tag: str, prefix: str | None = None) -> list[Candidate]:
     packed verbatim (conda-pack passes them to the archive unchanged).
     ``prefix``: the environment (for :attr:`Candidate.env_pyc`)."""
     pattern = pyc_pattern(tag)
-    verbatim: dict[str, object] = {}
-    pycs = []
-    for f in files:
-        t = f.target
-        if t.endswith(".py"):
-            if _verbatim(f):
-                verbatim[t] = f
-        elif t.endswith(".pyc") and f.file_mode is None:
-            m = pattern.fullmatch(t)
-            if m:
-                pycs.append((f, m))
+    # the .py files conda-pack hands to the archive as they are on disk (so
+    # that their size and mtime in the tar are the source's): conda's files
+    # but its records, and text/binary files with a prefix but text ones in
+    # bin/ (shebangs rewritten)
+    verbatim = {t: f for f in files if (t := f.target).endswith(".py") and (
+        not t.startswith("conda-meta/") if (mode := f.file_mode) is None else
+        mode == "binary" or mode == "text" and not t.startswith("bin/"))}
     found = []
-    for f, m in pycs:
+    for f in files:
+        if f.file_mode is not None or not f.target.endswith(".pyc"):
+            continue
+        m = pattern.fullmatch(f.target)
+        if m is None:
+            continue
         py = verbatim.get(f"{m.group(1)}{m.group(2)}.py")
         if py is not None:
             own = os.path.join(prefix, f.target) if prefix else None
@@ -320,15 +380,6 @@ def candidates(files, tag: str, prefix: str | None = None) -> list[Candidate]:
             found.append(Candidate(len(found), f.source, f.target, py.source, py.target,
                                    int(m.group(3) or 0), own))
     return found
-
-
-def _verbatim(f) -> bool:
-    """conda-pack's Packer hands this file to the archive as it is on disk
-    (so its size and mtime in the tar are the source's)."""
-    if f.file_mode is None:
-        return not f.target.startswith("conda-meta/")
-    return f.file_mode in ("text", "binary") and not (f.file_mode == "text"
-                                                      and f.target.startswith("bin/"))
 
 
 def _regular_fd(path: str) -> int | None:
@@ -406,13 +457,15 @@ class PackRepair:
     """Fresh ``.pyc`` files for the stale ones of an environment being packed.
 
     ``start(prefix)`` launches the environment's interpreter (it starts while
-    conda-pack reads the environment).  ``plan(files)`` checks every pair of
-    a ``.pyc`` and its ``.py`` (16 bytes and an ``lstat`` each, in threads
-    on a shared filesystem) and hands the stale ones to the interpreter,
-    which compiles them while the packing goes on -- except those whose
-    copy in the environment itself is valid (Python rewrote it there on an
-    import; conda-pack packs conda's files from the package cache): that
-    copy is packed instead.  The packer asks
+    conda-pack reads the environment).  ``plan(files)`` hands it every pair
+    of a ``.pyc`` and its ``.py``; it checks them (16 bytes and an ``lstat``
+    each, in threads on a shared filesystem) while the packer starts, says
+    which are stale, and compiles those while the packing goes on -- except
+    those whose copy in the environment itself is valid (Python rewrote it
+    there on an import; conda-pack packs conda's files from the package
+    cache): that copy is packed instead.  The packer reads that answer when
+    it reaches the first candidate, and checks each stale one again itself
+    (the interpreter only points at them).  The packer asks
     ``defer(target)`` for each file: a stale ``.pyc`` is left out then, and
     at the end ``finish()`` yields, for each of them, the fresh bytes (or
     None: the original is packed).  Nothing is written into the environment:
@@ -428,6 +481,9 @@ class PackRepair:
         self._magic = b""
         self._stale: dict[str, tuple[Candidate, Stale]] = {}  # pyc target -> ...
         self._deferred: list[str] = []
+        self._found: list[Candidate] = []
+        self._pending: set[str] = set()  # candidates, until the interpreter's answer is read
+        self._t0 = 0.0
         self.checked = 0
         self.reused = 0
         self.failed: list[tuple[str, str]] = []
@@ -465,9 +521,10 @@ class PackRepair:
         return cls(prefix, exe, outdir, proc)
 
     def plan(self, files, threads: int = 1) -> bool:
-        """Check ``files`` (conda-pack's File list) and start compiling the
-        stale ones; False (the bytecode is packed as it is) when the
-        interpreter gave no answer."""
+        """Hand the pairs of ``.pyc`` and ``.py`` among ``files`` (conda-pack's
+        File list) to the interpreter, which checks them (``threads`` at once)
+        and starts compiling the stale ones while the packing goes on; False
+        (the bytecode is packed as it is) when the interpreter gave no answer."""
         try:
             hello = _hello(_read_line(self._proc, time.monotonic() + START_TIMEOUT))
         except (TimeoutError, OSError):
@@ -478,38 +535,69 @@ class PackRepair:
             self.close()
             return False
         tag, self._magic = hello
-        t0 = time.monotonic()
+        self._t0 = time.monotonic()
         found = candidates(files, tag, self.prefix)
         self.checked = len(found)
-        if threads > 1 and len(found) > 1:
-            with ThreadPoolExecutor(threads, thread_name_prefix="conda-stage-pyc") as pool:
-                results = list(pool.map(check, found, [self._magic] * len(found)))
-        else:
-            results = [check(c, self._magic) for c in found]
-        jobs = []
-        for c, st in zip(found, results):
-            if st is None:
-                continue
-            self._stale[c.pyc_target] = (c, st)
-            if st.reuse is not None:
-                continue
-            jobs.append(json.dumps({
-                "i": c.index, "src": os.fsencode(c.py_source).hex(),
-                "dfile": os.fsencode(os.path.join(self.prefix, c.py_target)).hex(),
-                "mtime": st.py_mtime, "size": st.py_size, "opt": c.opt}) + "\n")
-        output.debug(f"Checked {len(found)} .pyc files against their .py in "
-                     f"{time.monotonic() - t0:.3f} s: {len(self._stale)} stale, "
-                     f"{len(self._stale) - len(jobs)} of them valid in the environment itself")
-        try:  # the interpreter reads all of it before compiling: this does not block
+        self._found = found
+        self._pending = {c.pyc_target for c in found}
+
+        def hx(path: str) -> str:
+            return os.fsencode(path).hex()
+
+        jobs = [json.dumps({"threads": threads}) + "\n"]
+        for c in found:
+            own = f'"{hx(c.env_pyc)}"' if c.env_pyc is not None else "null"
+            jobs.append(f'{{"i":{c.index},"pyc":"{hx(c.pyc_source)}","py":"{hx(c.py_source)}",'
+                        f'"own":{own},"dfile":"{hx(os.path.join(self.prefix, c.py_target))}",'
+                        f'"opt":{c.opt}}}\n')
+        try:  # the interpreter reads all of it before checking: this does not block long
             self._proc.stdin.write("".join(jobs).encode())
             self._proc.stdin.close()
         except OSError:
-            pass  # it went away: finish() reports what is missing
+            pass  # it went away: its answer is missing
         return True
+
+    def _answer(self) -> None:
+        """The interpreter's list of stale ``.pyc`` files (waited for when the
+        packer reaches the first candidate), each checked here again: what
+        is deferred is decided by :func:`check`, as when nothing is left to
+        the interpreter."""
+        pending, self._pending = self._pending, set()
+        if not pending:
+            return
+        t0 = time.monotonic()
+        stale = None
+        try:
+            line = _read_line(self._proc, t0 + COMPILE_TIMEOUT)
+            got = json.loads(line)["stale"]
+            if isinstance(got, list) and all(type(i) is int for i in got):
+                stale = got
+        except TimeoutError:
+            output.warn(f"Checking the bytecode of {printable(self.prefix)} took more than "
+                        f"{COMPILE_TIMEOUT:.0f} s; stopped (its .pyc files are packed as they are)")
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if stale is None:
+            output.debug(f"{self._exe} gave no answer about the bytecode: it is packed as it is")
+            _stop(self._proc)
+            return
+        found = self._found
+        for i in stale:
+            if 0 <= i < len(found):
+                c = found[i]
+                st = check(c, self._magic)
+                if st is not None:
+                    self._stale[c.pyc_target] = (c, st)
+        reused = sum(1 for _, st in self._stale.values() if st.reuse is not None)
+        output.debug(f"Checked {len(found)} .pyc files against their .py in "
+                     f"{time.monotonic() - self._t0:.3f} s (waited {time.monotonic() - t0:.3f} s): "
+                     f"{len(self._stale)} stale, {reused} of them valid in the environment itself")
 
     # -- while packing
     def defer(self, target: str) -> bool:
         """Whether ``target`` is a stale ``.pyc``, to be packed at the end."""
+        if target in self._pending:
+            self._answer()
         if target in self._stale:
             self._deferred.append(target)
             return True
@@ -519,6 +607,7 @@ class PackRepair:
     def finish(self):
         """Yield ``(pyc source, pyc target, mode, mtime, data or None)`` for
         every deferred file, once the interpreter is done (or timed out)."""
+        self._answer()  # read, should no candidate have been packed (it may wait to write it)
         timeout = COMPILE_TIMEOUT + PER_FILE * len(self._deferred)
         t0 = time.monotonic()
         try:

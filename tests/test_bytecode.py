@@ -11,6 +11,7 @@ source.
 import hashlib
 import importlib.util
 import io
+import json
 import marshal
 import os
 import py_compile
@@ -184,12 +185,12 @@ def _files(root: Path) -> list:
     return out
 
 
-def _pack(root: Path) -> tuple[bytes, bytecode.PackRepair]:
+def _pack(root: Path, threads: int = 1) -> tuple[bytes, bytecode.PackRepair]:
     files = _files(root)
     repair = bytecode.PackRepair.start(root)
     assert repair is not None
     try:
-        assert repair.plan(files)
+        assert repair.plan(files, threads=threads)
         buf = io.BytesIO()
         writer = pack._TarWriter(buf, None, repair)
         for f in files:
@@ -250,6 +251,40 @@ def test_stale_pyc_are_replaced_in_the_archive_and_only_they(env, tmp_path, monk
         assert r.returncode == 0, r.stderr
         assert not from_source(r.stderr, out), from_source(r.stderr, out)
         assert f"{_pyc(lib / 'optimized.py', 1 if flags else 0)} matches" in r.stderr
+
+
+def test_checks_in_threads_pack_the_same(env, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    one, r1 = _pack(env)
+    many, r8 = _pack(env, threads=8)
+    assert one == many and (r1.stale, r1.checked, r1.reused) == (r8.stale, r8.checked, r8.reused)
+
+
+def test_the_interpreters_answer_is_checked_again(env, tmp_path, monkeypatch):
+    """The interpreter only points at candidates: a .pyc it calls stale that
+    is valid is packed as it is; finish() reads its answer when nothing was
+    packed."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    files = _files(env)
+    repair = bytecode.PackRepair.start(env)
+    try:
+        assert repair.plan(files)
+        every = list(range(repair.checked))
+        fresh = [c.pyc_target for c in repair._found if c.pyc_target.endswith(f"fresh.{TAG}.pyc")]
+        with monkeypatch.context() as m:
+            m.setattr(bytecode, "_read_line", lambda proc, deadline: json.dumps(
+                {"stale": every + [-1, 10 ** 6]}).encode())
+            assert fresh and not repair.defer(fresh[0])
+        assert repair.stale == 0 and repair._stale  # the stale ones are, this one is not
+    finally:
+        repair.close()
+    repair = bytecode.PackRepair.start(env)
+    try:
+        assert repair.plan(files)
+        t0 = time.monotonic()
+        assert list(repair.finish()) == [] and time.monotonic() - t0 < 30
+    finally:
+        repair.close()
 
 
 def test_environment_without_python_is_packed_as_it_is(tmp_path):
