@@ -7,6 +7,7 @@ conda-pack's own ``Packer`` (its reads served by the packer's fast reader),
 and check the result extracts.
 """
 import io
+import json
 import os
 import random
 import stat
@@ -15,6 +16,8 @@ import tarfile
 
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 from conda_pack.core import File, Packer
 import conda_pack.core as cp_core
 
@@ -423,3 +426,51 @@ def test_prefetcher_stops_by_itself_when_the_files_are_cached(tree):
         assert pf._proc.wait(30) == 0
     finally:
         pf.close()
+
+
+def _json_strategy():
+    scalars = (hst.none() | hst.booleans() | hst.integers() | hst.floats(allow_nan=True)
+               | hst.text())
+    return hst.recursive(scalars, lambda inner: hst.lists(inner, max_size=5)
+                         | hst.dictionaries(hst.text(max_size=8), inner, max_size=5),
+                         max_leaves=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json_strategy())
+def test_json_dumps_sorted_is_jsons(obj):
+    assert pack._json_dumps_sorted(obj) == json.dumps(obj, indent=True, sort_keys=True)
+
+
+def test_conda_meta_rewrite_is_conda_packs(tmp_path):
+    record = {"name": "python", "version": "3.11.7", "files": [f"lib/m{i}.py" for i in range(50)],
+              "extracted_package_dir": "/pkgs/python", "package_tarball_full_path": "/pkgs/p.conda",
+              "link": {"source": "/pkgs/python", "type": 1}, "depends": [], "constrains": [],
+              "paths_data": {"paths": [{"_path": f"lib/m{i}.py", "path_type": "hardlink",
+                                        "sha256": "ab" * 32, "size_in_bytes": i,
+                                        "no_link": i % 2 == 0} for i in range(50)],
+                             "paths_version": 1},
+              "size": 1.5, "caf\u00e9": "\u20ac", "empty": {}, "nested": [[{"a": None}], {}]}
+    path = tmp_path / "python-3.11.7-0.json"
+    path.write_text(json.dumps(record))
+    assert pack._rewrite_conda_meta(str(path)) == cp_core.rewrite_conda_meta(str(path))
+    original = cp_core.rewrite_conda_meta
+    with pack._conda_pack_reads_from(None):
+        assert cp_core.rewrite_conda_meta(str(path)) == original(str(path))
+    assert cp_core.rewrite_conda_meta is original
+
+
+def test_output_starts_writing_back_and_passes_everything_on(tmp_path, monkeypatch):
+    advised = []
+    monkeypatch.setattr(pack._Output, "_EVERY", 1000)
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda *a: (advised.append(a[1:]), real(*a))[1])
+    data = os.urandom(5000)
+    with open(tmp_path / "out", "wb") as fh:
+        out = pack._Output(fh)
+        for i in range(0, len(data), 300):
+            out.write(data[i:i + 300])
+        out.flush()
+        assert out.name == fh.name
+    assert (tmp_path / "out").read_bytes() == data
+    assert len(advised) == 4 and all(a == (0, 0, os.POSIX_FADV_DONTNEED) for a in advised)
