@@ -25,6 +25,7 @@ process then exits.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -87,10 +88,13 @@ class Image:
             return None
         return meta
 
-    def usable(self, tarball_st: os.stat_result, mount_prefix: str) -> str | None:
+    def usable(self, tarball_st: os.stat_result, mount_prefix: str,
+               meta: "ImageMeta | None | bool" = False) -> str | None:
         """Why the image cannot stand in for the tarball ``tarball_st`` at
-        ``mount_prefix`` (None: it can)."""
-        meta = self.read_meta()
+        ``mount_prefix`` (None: it can).  ``meta``: its sidecar if the
+        caller has read it already (False: read it here)."""
+        if meta is False:
+            meta = self.read_meta()
         if meta is None:
             return "there is no image (pack with 'conda stage --pack --image')"
         if (meta.tarball_size, meta.tarball_mtime_ns) != (tarball_st.st_size,
@@ -220,15 +224,18 @@ def _mksquashfs(tree: Path, out: Path) -> None:
 
 # ------------------------------------------------------------ mount (user)
 def mount(image_file: Path, target: Path, *, copy_into: Path | None = None,
-          deadline: float | None = None) -> float:
+          deadline: float | None = None, opened=None) -> float:
     """(job user) Mount ``image_file`` read-only at ``target`` (made here);
-    with ``copy_into``, copy the image there first and mount the copy.
+    with ``copy_into``, copy the image there first -- from ``opened``, the
+    image file already open at its start, if given -- and mount the copy.
     Returns the seconds it took.  The FUSE process detaches; unmount with
     :func:`unmount`."""
     t0 = time.monotonic()
     source = Path(image_file)
     if copy_into is not None:
-        with open_regular(source, what="image") as src:
+        with contextlib.ExitStack() as stack:
+            src = opened if opened is not None else stack.enter_context(
+                open_regular(source, what="image"))
             st = os.fstat(src.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise StageError(f"{printable(str(source))} is not a regular file")

@@ -244,7 +244,7 @@ def _mount_image(env: Env, folder: Path, name: str, tarball_st, mode: str, copy_
     meta = img.read_meta()
     cid = meta.image_id if meta is not None else "0" * 16
     target = folder / cid / name
-    why = img.usable(tarball_st, str(target)) or image.fuse_problem()
+    why = img.usable(tarball_st, str(target), meta) or image.fuse_problem()
     if why is not None:
         if mode == "image" or meta is not None:
             line = f"not mounting its image ({why}); extracting it instead"
@@ -255,13 +255,14 @@ def _mount_image(env: Env, folder: Path, name: str, tarball_st, mode: str, copy_
         output.info(f"Using the image mounted on this node: {target}")
         return Shared(target, cid, True, 0, 0, True)
     try:
-        with open_regular(img.path, what="image") as fh:
+        with open_regular(img.path, what="image") as fh:  # opened once: checked, then copied
             _check_planted(env, img, os.fstat(fh.fileno()), kind="image")
-        os.makedirs(target.parent, mode=0o755, exist_ok=True)
-        os.chmod(target.parent, 0o755)
-        output.info(f"Mounting {output.describe_file(img.path)} at {target}")
-        took = image.mount(img.path, target, deadline=deadline, copy_into=target.parent / (
-            f".image{image.SUFFIX}") if copy_image else None)
+            os.makedirs(target.parent, mode=0o755, exist_ok=True)
+            os.chmod(target.parent, 0o755)
+            output.info(f"Mounting {output.describe_file(img.path)} at {target}")
+            took = image.mount(img.path, target, deadline=deadline, opened=fh,
+                               copy_into=target.parent / (f".image{image.SUFFIX}")
+                               if copy_image else None)
         if read_marker(target) is None:
             raise StageError(f"the image {img.path} is not a conda-stage image of {env.prefix}")
     except (StageError, OSError) as exc:  # a broken or planted image: the tarball may do
