@@ -84,7 +84,7 @@ class CondaStage(_App):
     auto_stage = cli.SwitchAttr(
         "--auto-stage", cli.Set("enable", "disable"), group="Actions",
         help="Enable: install activate/deactivate hooks in the environment and pack it "
-             "once. Disable: remove the hooks and the tarball")
+             "once. Disable: remove the hooks, the tarball and the image")
     do_pack = cli.Flag("--pack", group="Actions",
                        help="Pack the environment into its tarball (if it is not fresh)")
     do_stage = cli.Flag("--stage", group="Actions",
