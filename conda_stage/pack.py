@@ -379,9 +379,10 @@ def _is_binary_file(data) -> bool:
 
 def _conda_pack_core():
     """``conda_pack.core``.  Imported for the first time, without running
-    ``conda_pack/__init__`` (which asks importlib.metadata for its version:
-    ~15 ms of start-up before the first byte is packed); a later ``import
-    conda_pack`` runs it as usual and finds this module."""
+    ``conda_pack/__init__`` yet (it asks importlib.metadata for conda-pack's
+    version: ~15 ms of start-up before the first byte is packed): the
+    package is set up bare, and runs its ``__init__`` when anything else
+    is first asked of it (``conda_pack.CondaEnv``, ``__version__``, ...)."""
     core = sys.modules.get("conda_pack.core")
     if core is not None:
         return core
@@ -390,16 +391,27 @@ def _conda_pack_core():
         import types
 
         spec = importlib.util.find_spec("conda_pack")  # finds, does not import
-        if spec is not None and spec.submodule_search_locations:
+        if spec is not None and spec.submodule_search_locations and spec.loader is not None:
             package = types.ModuleType("conda_pack")
             package.__path__ = list(spec.submodule_search_locations)
-            package.__spec__, package.__file__ = spec, spec.origin
+            package.__spec__, package.__loader__ = spec, spec.loader
+            package.__file__, package.__package__ = spec.origin, "conda_pack"
+
+            def rest_of_init(name):
+                if name.startswith("__") and name not in ("__version__", "__all__"):
+                    raise AttributeError(name)
+                del package.__getattr__
+                spec.loader.exec_module(package)  # conda_pack/__init__, in this module
+                return getattr(package, name)
+
+            package.__getattr__ = rest_of_init
             sys.modules["conda_pack"] = package
             try:
                 import conda_pack.core as core
-            finally:
+            except BaseException:
                 if sys.modules.get("conda_pack") is package:
                     del sys.modules["conda_pack"]
+                raise
             return core
     import conda_pack.core as core
     return core

@@ -12,6 +12,7 @@ import os
 import random
 import stat
 import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -474,3 +475,26 @@ def test_output_starts_writing_back_and_passes_everything_on(tmp_path, monkeypat
         assert out.name == fh.name
     assert (tmp_path / "out").read_bytes() == data
     assert len(advised) == 4 and all(a == (0, 0, os.POSIX_FADV_DONTNEED) for a in advised)
+
+
+def test_conda_pack_core_first_then_the_whole_package():
+    """conda_pack.core imported without conda_pack/__init__, which runs when
+    anything else of the package is asked for: the same package as ever."""
+    code = """if True:
+        import sys
+        from conda_stage import pack
+        core = pack._conda_pack_core()
+        assert "__version__" not in vars(sys.modules["conda_pack"])
+        assert pack._conda_pack_core() is core
+        import conda_pack.core
+        assert conda_pack.core is core and conda_pack.core.File is core.File
+        assert conda_pack.CondaEnv is core.CondaEnv and conda_pack.__version__
+        from conda_pack import pack as p, CondaPackException
+        assert p is core.pack and CondaPackException is core.CondaPackException
+        from conda_pack.formats import ParallelGzipFileWriter
+        print("ok")
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {root!r})\n"
+                        + code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
