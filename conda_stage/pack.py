@@ -1043,7 +1043,9 @@ def needs_pack(tarball: Tarball) -> str | None:
         if tarball.path.exists():
             return "its tarball has no valid conda-stage metadata"
         return "it hasn't been done before"
-    if meta.fingerprint != fingerprint(tarball.env.prefix):
+    from . import fingerprint as fp
+
+    if not fp.is_fresh(tarball.env.prefix, meta.fingerprint, meta.quick):
         return "the environment changed since it was packed"
     return None
 
