@@ -69,7 +69,7 @@ def _image_state(env: Env, tarball_path: Path) -> str:
     if meta is None:
         return f"{image.path} (no valid sidecar: rebuild it with 'conda stage --pack --image')"
     try:
-        why = image.usable(os.stat(tarball_path), meta.mount_prefix)
+        why = image.usable(os.stat(tarball_path), meta.mount_prefix, meta)
     except OSError:
         why = "there is no tarball"
     state = "current" if why is None else f"not used: {why}"
