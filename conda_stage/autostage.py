@@ -97,15 +97,9 @@ def enable(env: Env, *, quiet: bool = False, writable: bool = False,
     from .pack import pack  # not at the top: --stage reads read_conf without packing
 
     pack(env, fmt=fmt, force=replaced)
-    if image:
-        from .config import Config
-        from .image import build
+    from .image import after_pack
 
-        build(env, staging_dir=Config.load().staging_dir)
-    else:
-        from .image import keep_current
-
-        keep_current(env)
+    after_pack(env, build_image=image)
     output.info("Enabled auto-staging")
     output.info("Enabled auto-unstaging")
 

@@ -146,15 +146,9 @@ class CondaStage(_App):
             target = resolve(env)
             pack(target, fmt=self.fmt, force=self.force,
                  ignore_missing_files=self.ignore_missing)
-            if self.image:
-                from .config import Config
-                from .image import build
+            from .image import after_pack
 
-                build(target, staging_dir=Config.load().staging_dir)
-            else:
-                from .image import keep_current
-
-                keep_current(target)
+            after_pack(target, build_image=self.image)
             return 0
         if self.do_stage:
             return self._stage(env)

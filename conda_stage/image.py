@@ -195,6 +195,18 @@ def has_image(env: Env) -> bool:
     return os.path.lexists(image.meta_path) or os.path.lexists(image.path)
 
 
+def after_pack(env: Env, *, build_image: bool) -> None:
+    """(user) After ``--pack`` or ``--auto-stage=enable``: build the image
+    when asked (``--image``: a failure is the command's error), else keep an
+    existing one current (:func:`keep_current`)."""
+    if not build_image:
+        keep_current(env)
+        return
+    from .config import Config
+
+    build(env, staging_dir=Config.load().staging_dir)
+
+
 def keep_current(env: Env, *, lock_timeout: float | None = None) -> None:
     """(user) After packing: rebuild the image of an environment that has
     one, so that its jobs keep mounting instead of extracting (an image
