@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import tempfile
 from dataclasses import dataclass, field, fields
@@ -27,6 +28,13 @@ from .resolve import Env
 from .userfiles import MiB, UnsafeUserFile, read_bounded
 
 META_VERSION = 1
+# Fields a later conda-stage may add within the same META_VERSION are
+# ignored here, so that nodes of two versions can share sidecars during a
+# rolling upgrade: an addition that older readers could not safely ignore
+# must bump META_VERSION instead.  Ignored fields must look like field names,
+# and there may be only a few (their values are bounded with the rest).
+MAX_UNKNOWN_FIELDS = 16
+_FIELD_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 # Limits of what a sidecar may hold.  A real one is a few KB to a few MB
 # (one record of ~300 bytes per file with a prefix placeholder).
@@ -216,8 +224,12 @@ def parse_meta(data: bytes) -> Meta:
         raise OtherMetaVersion(f"sidecar format {version}, this conda-stage reads {META_VERSION}")
     known = {f.name for f in fields(Meta)}
     unknown = sorted(k for k in obj if k not in known)
-    if unknown:
-        raise MalformedSidecar(f"unknown field {_show(unknown[0])}")
+    for key in unknown:
+        if not _FIELD_NAME.match(key):
+            raise MalformedSidecar(f"unknown field {_show(key)} is not a field name")
+    if len(unknown) > MAX_UNKNOWN_FIELDS:
+        raise MalformedSidecar(f"it has more than {MAX_UNKNOWN_FIELDS} fields this "
+                               f"conda-stage does not know ({_show(unknown[0])}, ...)")
     missing = [f.name for f in fields(Meta) if f.name not in obj
                and f.name not in ("records", "quick")]
     if missing:

@@ -387,7 +387,10 @@ MALFORMED = {
     "seconds negative": (_bad("pack_seconds", -1), "pack_seconds must be a number"),
     "version string": (_bad("meta_version", "1"), "meta_version must be a whole number"),
     "version missing": (lambda m: m.pop("meta_version"), "meta_version must be a whole number"),
-    "unknown field": (_bad("extra", 1), "unknown field 'extra'"),
+    "unknown field name": (_bad("Extra-Field", 1), "unknown field 'Extra-Field' is not a field"),
+    "unknown field long": (_bad("x" * 33, 1), "is not a field name"),
+    "unknown fields many": (lambda m: m.update({f"later_{i}": i for i in range(17)}),
+                            "more than 16 fields this conda-stage does not know"),
     "missing field": (lambda m: m.pop("size"), "field 'size' is missing"),
 }
 
@@ -425,6 +428,18 @@ def test_malformed_sidecar_is_one_line_for_that_environment(tmp_path, staging, n
 def test_sidecar_that_is_not_a_json_object(tmp_path, data, reason):
     with pytest.raises(MalformedSidecar, match=reason):
         parse_meta(data)
+
+
+def test_fields_of_a_later_version_are_ignored(tmp_path, staging):
+    """A rolling upgrade: a sidecar written by a later conda-stage of the same
+    format version, with fields this one does not know, still stages."""
+    env = make_env(tmp_path / "envs", "later")
+    meta = good_meta_dict(env)
+    plain = parse_meta(json.dumps(meta).encode())
+    meta.update({"compression_level": 3, "later_info": {"nested": [1, 2]}, "note": None})
+    sidecar_of(env).write_text(json.dumps(meta))
+    assert parse_meta(sidecar_of(env).read_bytes()) == plain
+    assert stage(env, base=staging, repack=False).name == "later"
 
 
 def test_sidecar_of_another_version_needs_a_repack_not_a_force(env, staging):
