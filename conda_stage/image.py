@@ -78,7 +78,7 @@ class Image:
 
         try:
             data = json.loads(read_bounded(self.meta_path, _META_LIMIT, what="image sidecar"))
-            meta = ImageMeta(**data)
+            meta = ImageMeta(**_known_fields(data))
         except (OSError, ValueError, TypeError, StageError):
             return None
         ints = (meta.tarball_size, meta.tarball_mtime_ns, meta.size)
@@ -110,6 +110,21 @@ class Image:
         if st.st_size != meta.size:
             return "the image file is not the one its sidecar describes"
         return None
+
+
+def _known_fields(data) -> dict:
+    """The sidecar's fields this conda-stage knows; a few more, named like
+    fields, that a later version added are ignored (as in the tarball's
+    sidecar: a rolling upgrade keeps images in use)."""
+    from .tarball import MAX_UNKNOWN_FIELDS, _FIELD_NAME
+
+    if not isinstance(data, dict):
+        raise TypeError("not an object")
+    known = ImageMeta.__dataclass_fields__
+    unknown = [k for k in data if k not in known]
+    if len(unknown) > MAX_UNKNOWN_FIELDS or not all(_FIELD_NAME.match(k) for k in unknown):
+        raise ValueError("not an image sidecar")
+    return {k: v for k, v in data.items() if k in known}
 
 
 # ------------------------------------------------------------------ tools

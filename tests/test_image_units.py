@@ -45,12 +45,20 @@ def test_an_image_that_does_not_match_is_not_used_and_says_why(image, tmp_path):
 
 
 @pytest.mark.parametrize("bad", [{"image_id": "../../etc"}, {"mount_prefix": "rel/path"},
-                                 {"mount_prefix": "/a\nb"}, {"size": "50"}, {"extra": 1}])
+                                 {"mount_prefix": "/a\nb"}, {"size": "50"}, {"Extra": 1},
+                                 {f"later_{i}": i for i in range(17)}])
 def test_a_sidecar_conda_stage_did_not_write_is_ignored(image, bad):
     img, st, meta = image
     img.meta_path.write_text(json.dumps({**meta, **bad}))
     assert img.read_meta() is None
     assert "there is no image" in img.usable(st, meta["mount_prefix"])
+
+
+def test_fields_a_later_version_adds_are_ignored(image):
+    img, st, meta = image
+    img.meta_path.write_text(json.dumps({**meta, "later_field": [1, {"a": 2}]}))
+    assert img.read_meta() is not None
+    assert img.usable(st, meta["mount_prefix"]) is None
 
 
 def test_mounts_under_lists_fuse_mounts_deepest_first():
