@@ -498,3 +498,68 @@ def test_conda_pack_core_first_then_the_whole_package():
     r = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {root!r})\n"
                         + code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout == "ok\n", r.stderr
+
+
+def _sidecar_cases(tmp_path):
+    """(name, sidecar bytes or None) covering what ``Tarball.for_env`` reads."""
+    from conda_stage.tarball import Meta
+
+    def meta(fmt, records=()):
+        m = Meta(format=fmt, archive="env." + fmt, size=1, mtime_ns=1, prefix=str(tmp_path / "env"),
+                 fingerprint="f", tool_version="0", created="now", pack_seconds=0.1, files=1,
+                 unpacked_bytes=1, records=[list(r) for r in records])
+        return json.dumps(vars(m), separators=(",", ":")).encode()
+
+    return [
+        ("none", None), ("empty", b""), ("not json", b"{nope"),
+        ("zst", meta("tar.zst")), ("gz", meta("tar.gz")),
+        ("zst naming tar.gz in a record", meta("tar.zst", [("lib/a", "tar.gz", "text")])),
+        ("gz, escaped", meta("tar.gz").replace(b'"tar.gz"', b'"tar\\u002egz"')),
+        ("zst, escapes elsewhere", meta("tar.zst", [("lib/caf\u00e9", "/p", "text")])),
+        ("gz but malformed", meta("tar.gz").replace(b'"files":1', b'"files":-1')),
+        ("gz, another meta version", meta("tar.gz").replace(b'"meta_version":', b'"meta_version":9')),
+    ]
+
+
+def test_tarball_for_is_tarball_for_env(tmp_path):
+    """The sidecar is parsed only when it could name another format than
+    the default: the tarball is always the one ``Tarball.for_env`` gives."""
+    from conda_stage.resolve import Env
+    from conda_stage.tarball import Tarball
+
+    env = Env(prefix=tmp_path / "env", name="env")
+    (tmp_path / "env").mkdir()
+    side = Tarball.at(env, formats.DEFAULT_FORMAT).meta_path
+    for name, data in _sidecar_cases(tmp_path):
+        if side.exists() or side.is_symlink():
+            side.unlink()
+        if data is not None:
+            side.write_bytes(data)
+        for fmt in (None, *formats.FORMATS):
+            assert pack._tarball_for(env, fmt) == Tarball.for_env(env, fmt), (name, fmt)
+        if name in ("gz", "gz, escaped"):  # valid sidecars naming the other format
+            assert pack._tarball_for(env, None).format == "tar.gz"
+    side.unlink()
+    side.mkdir()  # not a file at all
+    assert pack._tarball_for(env, None) == Tarball.for_env(env, None)
+    assert Tarball.for_env(env, None).format == formats.DEFAULT_FORMAT
+
+
+def test_no_gc_restores_the_collector():
+    import gc
+
+    assert gc.isenabled()
+    with pack._no_gc():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(KeyError):
+        with pack._no_gc():
+            raise KeyError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with pack._no_gc():
+            pass
+        assert not gc.isenabled()  # it was off: it stays off
+    finally:
+        gc.enable()
