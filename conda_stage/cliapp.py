@@ -105,7 +105,9 @@ class CondaStage(_App):
     image = cli.Flag("--image",
                      help="With --pack or --auto-stage=enable: also build the squashfs image "
                           "that scheduler hooks mount instead of extracting "
-                          "(CONDA_STAGE_STAGE_MODE=auto|image; needs mksquashfs). An "
+                          "(CONDA_STAGE_STAGE_MODE=auto|image; needs mksquashfs) -- and "
+                          "'conda activate' too where the site file says "
+                          "CONDA_STAGE_SHELL_IMAGES=yes. An "
                           "environment that has an image gets it rebuilt whenever it is "
                           "repacked")
     ignore_missing = cli.Flag("--ignore-missing-files",
@@ -222,7 +224,7 @@ class Gc(_App):
             collect_jobs(Path(config.staging_dir), Path(config.state_dir),
                          node_is_running(config), dry_run=self.dry_run,
                          keep=0.0 if self.all_unused else config.keep_unused,
-                         keep_share=config.keep_share)
+                         keep_share=config.keep_share, shell_images=config.shell_images)
         else:
             collect(staging_base(), dry_run=self.dry_run)
         return 0

@@ -72,6 +72,14 @@ class Config:
     # Image mode: copy the image to the local disk before mounting it (one
     # sequential read); "no" mounts it where it is, on the shared filesystem.
     image_copy: bool = True
+    # Interactive 'conda activate' mounts an environment's image too (stage_mode
+    # auto or image), at the path jobs mount it, in the user's folder
+    # <staging_dir>/users/<uid>: the hooks then keep <staging_dir>/users
+    # sticky and writable by all (mode 1733), so that a shell can make its
+    # user's folder where no job made it.  A folder someone else made first is
+    # not used (the shell extracts, and says so); the user's next prolog on
+    # the node replaces it.
+    shell_images: bool = False
     # Seconds a prolog may spend staging, all environments together; what is
     # not staged by then is skipped and the job runs without it.
     prolog_budget: float = 120.0

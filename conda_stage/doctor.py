@@ -53,7 +53,33 @@ def run(site_file: str = SITE_FILE) -> Report:
     _slurm(report)
     _sge(report)
     _fuse(report)
+    _shell_images(report, config)
     return report
+
+
+def _shell_images(report: Report, config: Config) -> None:
+    """With shell images: <staging_dir>/users must be root's, sticky and
+    writable by all, for shells to make their users' folders."""
+    if not config.shell_images:
+        return
+    users = os.path.join(config.staging_dir, "users")
+    try:
+        st = os.lstat(users)
+    except FileNotFoundError:
+        report.warn(f"shell images: {users} does not exist: shells extract until a prolog "
+                    f"makes it (on a node without the hooks: install -d -m 1733 {users})")
+        return
+    except OSError as exc:
+        report.fail(f"shell images: cannot check {users}: {exc.strerror}")
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+        report.fail(f"shell images: {users} is not a folder of root's (squatted?)")
+    elif mode != 0o1733:
+        report.warn(f"shell images: {users} has mode {mode:o}, not 1733: shells cannot make "
+                    f"their folders until a hook sets it (or: chmod 1733 {users})")
+    else:
+        report.ok(f"shell images: {users} is root's, mode 1733: 'conda activate' mounts images")
 
 
 def _store(report: Report, config: Config) -> None:

@@ -63,6 +63,9 @@ def collect(base: Path, *, dry_run: bool = False) -> list[Path]:
         except (OSError, StageError) as exc:
             output.warn(f"Cannot remove {path}: {getattr(exc, 'strerror', None) or exc}")
             failed.append(path)
+    from .shellimage import collect as collect_images
+
+    removed += collect_images(dry_run=dry_run)
     if not removed and not failed:
         output.info(f"Nothing to collect in {base}")
     return removed
@@ -98,7 +101,7 @@ def _remove_partial(path: Path) -> None:
 
 def collect_jobs(staging_dir: Path, state_dir: Path, is_active, *,
                  dry_run: bool = False, keep: float = 300.0,
-                 keep_share: float = 0.25) -> list[Path]:
+                 keep_share: float = 0.25, shell_images: bool = False) -> list[Path]:
     """(root) Job folders and manifests of jobs that ``is_active(job_id,
     scheduler)`` says no longer run; then the shared copies (see
     :func:`collect_store`)."""
@@ -144,7 +147,7 @@ def collect_jobs(staging_dir: Path, state_dir: Path, is_active, *,
         removed += gone
     if not dry_run:
         removed += collect_store(staging_dir, state_dir, is_active, keep=keep,
-                                 keep_share=keep_share)
+                                 keep_share=keep_share, shell_images=shell_images)
     if not removed and not failed:
         output.info(f"Nothing to collect in {staging_dir}")
     if failed:
@@ -160,7 +163,8 @@ class _Say:
 
 
 def collect_store(staging_dir: Path, state_dir: Path, is_active, *,
-                  keep: float = 300.0, keep_share: float = 0.25) -> list[Path]:
+                  keep: float = 300.0, keep_share: float = 0.25,
+                  shell_images: bool = False) -> list[Path]:
     """(root) Mark, then sweep, every user's shared copies, each user under
     their lock: holders whose job the scheduler no longer runs are dropped;
     copies nobody holds go once unused for ``keep`` seconds, or beyond the
@@ -169,7 +173,8 @@ def collect_store(staging_dir: Path, state_dir: Path, is_active, *,
     from .jobstage import sweep_node
     from .nodestore import NodeStore
 
-    store = NodeStore(str(staging_dir), str(state_dir), keep_unused=keep, keep_share=keep_share)
+    store = NodeStore(str(staging_dir), str(state_dir), keep_unused=keep, keep_share=keep_share,
+                      shell_images=shell_images)
 
     def is_gone(holder: str) -> bool:
         scheduler, _, key = holder.partition(":")

@@ -28,7 +28,7 @@ from .config import Config
 from .errors import StageError
 from .job import Job
 from .jobdir import MANIFEST, UnsafeBase, check_manifest, one_line
-from .nodestore import NodeStore, holder
+from .nodestore import NodeStore, holder, valid_id
 from .privileges import ChildFailed, run_as
 from .procs import terminate_processes_under
 
@@ -56,7 +56,7 @@ def prolog(job: Job, config: Config, log) -> dict | None:
             # One user's prologs take turns: the first extracts, the next
             # ones find its copy and share it.
             with store.locked(job.account.uid, deadline) as mine:
-                store.prepare_user(job.account.uid, job.account.gid)
+                store.prepare_user(job.account.uid, job.account.gid, deadline)
                 try:
                     manifest = _run_staging(job, config, deadline, store)
                     _hold_copies(job, mine, manifest)
@@ -147,18 +147,27 @@ def _sweep(mine, account, log, label: str, *, deadline=None, keep=None, over=Non
     doomed = mine.unused(keep=keep, over_budget=over)
     folder = mine.store.user_folder(mine.uid)
     gone = {r.id for r in doomed}
-    live = [r.path for r in mine.records().values() if r.id not in gone]
+    records = mine.records()
+    live = [r.path for r in records.values() if r.id not in gone]
     stray = [p for p in mounts_under(folder) if str(p) not in live]
-    if doomed or stray:
+    unrecorded = [c for c in mine._copy_ids() if c not in records]
+    spared: set[str] = set()
+    if doomed or stray or unrecorded:
         try:
-            run_as(account, _terminate_under,
-                   [str(mine.store.copy_folder(mine.uid, r.id)) for r in doomed],
-                   str(folder), live, timeout=60)
+            result = run_as(account, _terminate_under,
+                            [str(mine.store.copy_folder(mine.uid, r.id)) for r in doomed],
+                            str(folder), live, sorted(records), timeout=60)
+            spared = {c for c in result.get("spared", ()) if valid_id(c)} \
+                if isinstance(result, dict) else set()
         except (ChildFailed, OSError) as exc:
             log.error(f"{label}: stopping processes before removing copies failed: "
                       f"{one_line(exc)}")
     removed = []
     for rec in doomed:
+        if rec.id in spared:
+            log.info(f"{label}: kept the unused copy {rec.path} for now: a shell of uid "
+                     f"{mine.uid} still uses it")
+            continue
         try:
             mine.remove(rec, deadline)
             removed.append(rec)
@@ -172,23 +181,35 @@ def _sweep(mine, account, log, label: str, *, deadline=None, keep=None, over=Non
     return removed
 
 
-def _terminate_under(paths: list, folder: str, live=()) -> int:
+def _terminate_under(paths: list, folder: str, live=(), recorded=()) -> dict:
     """(user) Stop the user's processes running from the copy folders
     ``paths`` and unmount the images mounted there: the FUSE processes exit
     with their mounts.  An image nothing uses is unmounted first (a busy one
     would refuse), which leaves no process to look for but its FUSE process,
-    gone with it.  Then every other mount in the user's store ``folder``
-    but the ``live`` copies' goes too (the user's own, or an image moved
-    out of its copy folder): root removes nothing through a mount."""
+    gone with it.  Images that live shells of the user hold are left alone
+    (``spared``: root keeps them for now), and image folders neither held
+    nor ``recorded`` by root go (:func:`shellimage.sweep`).  Then every other mount in the
+    user's store ``folder`` but the ``live`` copies' and the shells' goes
+    too (the user's own, or an image moved out of its copy folder): root
+    removes nothing through a mount."""
     from .image import mounts_under, unmount, unmount_all
+    from .shellimage import sweep
 
+    paths = [Path(p) for p in paths]
+    live_ids = {Path(p).parent.name for p in live}
+    held = sweep(Path(folder), set(recorded) | live_ids, live_ids)
+    spared = [p.name for p in paths if p.name in held]
     stopped = 0
-    for path in map(Path, paths):
+    for path in paths:
+        if path.name in spared:
+            continue
         for point in mounts_under(path):
             unmount(point, listed=True, lazy=False)
         stopped += terminate_processes_under(path)
-    unmount_all(Path(folder), keep=set(live))  # the doomed copies are under it, not live
-    return stopped
+    keep = set(live) | {str(p) for p in mounts_under(Path(folder))
+                        if p.parent.parent == Path(folder) and p.parent.name in held}
+    unmount_all(Path(folder), keep=keep)  # the doomed copies are under it, not live
+    return {"stopped": stopped, "spared": spared}
 
 
 def failed(manifest: dict | None) -> bool:

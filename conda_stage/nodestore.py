@@ -4,8 +4,10 @@ themselves are made by the user's staging child.
 
 Layout (``B`` is the site's ``staging_dir``, ``S`` its ``state_dir``)::
 
-    B/users/                       root 0755
-    B/users/<uid>/                 the user's own, 0700 (made by root)
+    B/users/                       root 0755; 1733 with shell images (sticky:
+                                   a shell makes its user's folder itself)
+    B/users/<uid>/                 the user's own, 0700 (made by root, or by
+                                   the user's shell with shell images)
     B/users/<uid>/<id>/<name>      a copy, made by the user's staging child;
                                    ``<id>`` hashes the user, the name, the
                                    original prefix and the tarball's identity
@@ -112,16 +114,17 @@ class NodeStore:
     """The node's shared copies, their records and their locks."""
 
     def __init__(self, staging_dir: str, state_dir: str, *, keep_unused: float = 300.0,
-                 keep_share: float = 0.25):
+                 keep_share: float = 0.25, shell_images: bool = False):
         self.staging_dir = str(staging_dir)
         self.state_dir = str(state_dir)
         self.keep_unused = float(keep_unused)
         self.keep_share = float(keep_share)
+        self.shell_images = bool(shell_images)
 
     @classmethod
     def from_config(cls, config) -> "NodeStore":
         return cls(config.staging_dir, config.state_dir, keep_unused=config.keep_unused,
-                   keep_share=config.keep_share)
+                   keep_share=config.keep_share, shell_images=config.shell_images)
 
     # ------------------------------------------------------------ paths
     def user_folder(self, uid: int) -> Path:
@@ -152,25 +155,71 @@ class NodeStore:
         finally:
             os.close(fd)
 
-    def prepare_user(self, uid: int, gid: int) -> Path:
-        """(root) ``B/users/<uid>``, the user's own 0700 folder; made anew
-        if what is there is not a folder of theirs."""
-        with self._fd(self.staging_dir, USERS, create=True) as users:
-            name = str(int(uid))
-            try:
-                st = os.stat(name, dir_fd=users, follow_symlinks=False)
-                if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
-                    _remove_at(users, name)
-                    raise FileNotFoundError
-            except FileNotFoundError:
-                os.mkdir(name, 0o700, dir_fd=users)
+    @contextmanager
+    def _users(self, create: bool = False):
+        """``B/users``: root's; sticky and writable by all (1733) with shell
+        images, so that shells make their users' folders, else 0755.  Root
+        sets the mode the site asks for."""
+        base = open_base(self.staging_dir, create=create)
+        try:
+            if create:
+                try:
+                    os.mkdir(USERS, 0o755, dir_fd=base)
+                except FileExistsError:
+                    pass
+            fd = _open_dir(USERS, base, os.path.join(self.staging_dir, USERS))
+        finally:
+            os.close(base)
+        try:
+            st = os.fstat(fd)
+            want = 0o1733 if self.shell_images else 0o755
+            if st.st_uid == 0 and os.geteuid() == 0 and stat.S_IMODE(st.st_mode) != want:
+                os.fchmod(fd, want)
+                st = os.fstat(fd)
+            here = os.path.join(self.staging_dir, USERS)
+            if st.st_uid != 0:
+                raise UnsafeBase(f"{here} is owned by uid {st.st_uid}, not root "
+                                 f"(squatted or misconfigured staging folder)")
+            if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+                raise UnsafeBase(f"{here} is writable by group or others without the sticky "
+                                 f"bit (mode {stat.S_IMODE(st.st_mode):o})")
+            yield fd
+        finally:
+            os.close(fd)
+
+    def prepare_user(self, uid: int, gid: int, deadline: float | None = None) -> Path:
+        """(root) ``B/users/<uid>``, the user's own 0700 folder.  One the
+        user made (a shell, with shell images) is kept; anything else there
+        -- someone else's folder, a link, a file -- was put there to squat
+        it: it goes (the squatter's mounts in it first, unmounted as the
+        squatter), and root makes the folder."""
+        name = str(int(uid))
+        with self._users(create=True) as users:
+            for _ in range(3):
+                try:
+                    st = os.stat(name, dir_fd=users, follow_symlinks=False)
+                except FileNotFoundError:
+                    pass
+                else:
+                    if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and \
+                            not st.st_mode & 0o077:
+                        return self.user_folder(uid)
+                    if stat.S_ISDIR(st.st_mode) and st.st_uid != 0:
+                        _unmount_as(st.st_uid, self.user_folder(uid))
+                    _remove_at(users, name, deadline)
+                try:
+                    os.mkdir(name, 0o700, dir_fd=users)
+                except FileExistsError:
+                    continue  # made again meanwhile: checked again
                 fd = _open_dir(name, users, str(self.user_folder(uid)))
                 try:
                     os.fchown(fd, uid, gid)
                     os.fchmod(fd, 0o700)
                 finally:
                     os.close(fd)
-        return self.user_folder(uid)
+                return self.user_folder(uid)
+        raise StageError(f"someone keeps making {self.user_folder(uid)} before this job's "
+                         f"prolog could")
 
     def _state_users(self) -> int:
         fd = open_base(os.path.join(self.state_dir, USERS), create=True)
@@ -218,17 +267,30 @@ class NodeStore:
 
     # ----------------------------------------------------------- query
     def uids(self) -> list[int]:
-        """Users with records or copies on this node."""
+        """Users with records or copies on this node: by root's state, and
+        by folders in ``B/users`` that belong to the user they are named
+        after (with shell images anyone may make entries there)."""
         found = set()
-        for parts in ((self.state_dir, USERS), (self.staging_dir, USERS)):
-            try:
-                with self._fd(*parts) as fd:
-                    for n in os.listdir(fd):
-                        n = n[:-5] if n.endswith(".lock") else n
-                        if _UID.match(n):
+        try:
+            with self._fd(self.state_dir, USERS) as fd:
+                for n in os.listdir(fd):
+                    n = n[:-5] if n.endswith(".lock") else n
+                    if _UID.match(n):
+                        found.add(int(n))
+        except UnsafeBase:
+            pass
+        try:
+            with self._users() as fd:
+                for n in os.listdir(fd):
+                    if _UID.match(n) and int(n) not in found:
+                        try:
+                            st = os.stat(n, dir_fd=fd, follow_symlinks=False)
+                        except OSError:
+                            continue
+                        if stat.S_ISDIR(st.st_mode) and st.st_uid == int(n):
                             found.add(int(n))
-            except UnsafeBase:
-                continue
+        except (UnsafeBase, OSError):
+            pass
         return sorted(found)
 
     def records(self, uid: int) -> list[Record]:
@@ -311,7 +373,7 @@ class UserStore:
         """Whether ``<cid>/<name>`` is there -- listed, not entered: a
         mounted image is the user's FUSE mount, which root may not stat."""
         try:
-            with self.store._fd(self.store.staging_dir, USERS) as users:
+            with self.store._users() as users:
                 user = _open_dir(str(self.uid), users, str(self.store.user_folder(self.uid)))
                 try:
                     folder = os.open(cid, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
@@ -387,7 +449,7 @@ class UserStore:
 
     def _copy_ids(self) -> list[str]:
         try:
-            with self.store._fd(self.store.staging_dir, USERS) as users:
+            with self.store._users() as users:
                 user = _open_dir(str(self.uid), users, str(self.store.user_folder(self.uid)))
                 try:
                     return [n for n in os.listdir(user) if valid_id(n)]
@@ -401,7 +463,7 @@ class UserStore:
         A user folder that is not what the prolog made (e.g. the user's own
         mount over it) raises :class:`UnsafeBase`: the record stays, for
         the next sweep, after the user's mounts are gone."""
-        with self.store._fd(self.store.staging_dir, USERS) as users:
+        with self.store._users() as users:
             try:
                 user = _open_dir(str(self.uid), users, str(self.store.user_folder(self.uid)))
             except FileNotFoundError:
@@ -416,7 +478,7 @@ class UserStore:
         if self.records() or self._copy_ids():
             return
         try:
-            with self.store._fd(self.store.staging_dir, USERS) as users:
+            with self.store._users() as users:
                 _remove_at(users, str(self.uid))
         except (OSError, StageError):
             pass
@@ -425,6 +487,22 @@ class UserStore:
                 _remove_at(self._users, name)
             except OSError:
                 pass
+
+
+def _unmount_as(owner: int, folder: Path) -> None:
+    """(root) Unmount the FUSE mounts of user ``owner`` in ``folder`` as
+    that user (root never unmounts through a path a user can change)."""
+    from .image import unmount_all
+    from .privileges import Account, ChildFailed, run_as
+
+    try:
+        account = Account.lookup(uid=owner)
+    except KeyError:
+        account = Account(name=str(owner), uid=owner, gid=owner, home="/", groups=())
+    try:
+        run_as(account, unmount_all, folder, timeout=60)
+    except (ChildFailed, OSError):
+        pass  # the removal then stops at the mount and says so
 
 
 def _load(dir_fd: int, name: str) -> Record | None:

@@ -135,9 +135,26 @@ def stage(env: Env, *, path: Path | None = None, base: Path | None = None,
             shared = _join_shared(env, Path(base) if base else staging_base(), tid, owner_pid)
             if shared is not None:
                 return shared
+            if _has_image(env):
+                from .shellimage import mount_for_shell
+
+                mounted = mount_for_shell(env, os.fstat(opened.fh.fileno()), owner_pid,
+                                          deadline)
+                if mounted is not None:
+                    return mounted
+        elif writable and path is None and mode == "interactive" and _has_image(env):
+            from .shellimage import site
+
+            if site() is not None:
+                output.info("Not mounting its image: a writable copy was asked for (--writable); "
+                            "extracting it instead")
         return _stage_from(env, opened.sidecar.meta, opened.fh, opened.tarball, path=path,
                            base=base, name=name, writable=writable, owner_pid=owner_pid,
                            mode=mode, job_id=job_id, deadline=deadline, tarball_id=tid)
+
+
+def _has_image(env: Env) -> bool:
+    return os.path.lexists(env.prefix.parent / (env.prefix.name + ".sqfs.json"))
 
 
 def _join_shared(env: Env, base: Path, tarball_id: str, owner_pid: int) -> Path | None:
@@ -234,11 +251,12 @@ def stage_shared(env: Env, folder: Path, name: str, *, job_id: str | None = None
 
 
 def _mount_image(env: Env, folder: Path, name: str, tarball_st, mode: str, copy_image: bool,
-                 deadline) -> Shared | str | None:
-    """The environment's image mounted in the store (reused if it already
-    is); else why extraction must do (a line for the job), or None when
-    there is nothing to say (no image, mode "auto")."""
-    from . import image
+                 deadline, holder: int | None = None) -> Shared | str | None:
+    """The environment's image mounted in the user's store ``folder``
+    (reused if it already is), for a job -- or, with ``holder``, for that
+    shell (:mod:`shellimage`); else why extraction must do (a line for the
+    user), or None when there is nothing to say (no image, mode "auto")."""
+    from . import image, shellimage
 
     img = image.Image(env)
     meta = img.read_meta()
@@ -251,14 +269,32 @@ def _mount_image(env: Env, folder: Path, name: str, tarball_st, mode: str, copy_
             output.warn(line)
             return line
         return None
+    try:
+        with shellimage.folder_locked(target.parent) as lock:
+            mounted = _mount_locked(env, img, target, cid, copy_image, deadline)
+            if isinstance(mounted, Shared) and lock is not None:
+                if holder is None:
+                    shellimage.claim_for_job(target.parent)
+                else:
+                    add_holder(target, holder)
+            return mounted
+    except OSError as exc:
+        line = f"not mounting its image ({printable(exc.strerror or str(exc))}); extracting " \
+               f"it instead"
+        output.warn(line)
+        return line
+
+
+def _mount_locked(env: Env, img, target: Path, cid: str, copy_image: bool,
+                  deadline) -> Shared | str:
+    from . import image
+
     if os.path.ismount(target) and read_marker(target) is not None:
         output.info(f"Using the image mounted on this node: {target}")
         return Shared(target, cid, True, 0, 0, True)
     try:
         with open_regular(img.path, what="image") as fh:  # opened once: checked, then copied
             _check_planted(env, img, os.fstat(fh.fileno()), kind="image")
-            os.makedirs(target.parent, mode=0o755, exist_ok=True)
-            os.chmod(target.parent, 0o755)
             output.info(f"Mounting {output.describe_file(img.path)} at {target}")
             took = image.mount(img.path, target, deadline=deadline, opened=fh,
                                copy_into=target.parent / (f".image{image.SUFFIX}")
@@ -267,8 +303,9 @@ def _mount_image(env: Env, folder: Path, name: str, tarball_st, mode: str, copy_
             raise StageError(f"the image {img.path} is not a conda-stage image of {env.prefix}")
     except (StageError, OSError) as exc:  # a broken or planted image: the tarball may do
         try:
-            image.unmount_all(target.parent)
-            remove_tree(target.parent)
+            image.unmount_all(target)
+            remove_tree(target)
+            (target.parent / f".image{image.SUFFIX}").unlink(missing_ok=True)
         except OSError:
             pass  # an unrecorded folder in the store: the next sweep takes it
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -299,7 +336,8 @@ def _stage_from(env, meta, fh, tarball, *, path, base, name, writable, owner_pid
                 deadline=None, tarball_id=None, relocate_to: str | None = None):
     """Extract into ``path`` (or a new folder under ``base``), relocated for
     that path -- or for ``relocate_to``, where the tree will be seen
-    instead (an image mounted there)."""
+    instead (an image mounted there: it keeps the deactivate hook, for the
+    shells that mount it)."""
     name = name or env.name
     if path is not None:
         target = Path(os.path.abspath(path))
@@ -323,7 +361,8 @@ def _stage_from(env, meta, fh, tarball, *, path, base, name, writable, owner_pid
         output.info(f"Extracting {output.describe_file(tarball.path)} to {target}")
         marker = new_marker(env.prefix, name, mode, owner_pid=owner_pid, job_id=job_id,
                             writable=writable, parent_owned=parent_owned, tarball_id=tarball_id)
-        skip = {ACTIVATE_HOOK} | ({DEACTIVATE_HOOK} if mode == "job" else set())
+        skip = {ACTIVATE_HOOK} | ({DEACTIVATE_HOOK} if mode == "job" and not relocate_to
+                                 else set())
         relocator = Relocator(meta.records, final)
         recompiled = []
 

@@ -425,6 +425,12 @@ def unstage(prefix: Path, *, force: bool = False, holder_pid: int | None = None,
     marker = read_marker(prefix)
     if marker is None:
         raise StageError(f"Does not look like a staged environment: no {MARKER} file in {prefix}")
+    if marker.mode == "job" and marker.job_id is None:  # an image's: shells may hold it
+        from .shellimage import unstage as unstage_image
+
+        done = unstage_image(prefix, holder_pid or os.getppid(), force=force)
+        if done is not None:
+            return done
     if marker.mode == "job" and not force:
         output.info(f"Keeping {prefix}: it was staged for job {marker.job_id} and is removed "
                     f"when the job ends")

@@ -6,8 +6,9 @@
 # interactive 'conda activate' it lets go of the copy (removed when no other
 # shell uses it: renamed out of the way at once, its files deleted by a
 # detached process, so that 'conda deactivate' does not wait for that).
-# (Copies staged by a batch job's prolog do not carry this hook: the epilog
-# removes them.)
+# (Copies a batch job's prolog extracts do not carry this hook: the epilog
+# removes them.  Images carry it, for the shells that mount them; in a job
+# that did not mount it from a shell it changes nothing.)
 # It defines no functions and unsets every variable it sets.
 #
 # conda also sources deactivate.d scripts when it switches from this
