@@ -1117,23 +1117,66 @@ def _pack_locked(tarball: Tarball, fmt: str, level, threads, ignore_missing_file
     shared = _on_shared_fs(env.prefix)
     prefetch = None if shared else _Prefetch.start(str(env.prefix))
     repair = None
+    replaced = _Replaced()
     try:
         fp = fingerprint(env.prefix)
         # The environment's Python (for fresh .pyc files) starts while
         # conda-pack reads the environment.
         repair = bytecode.PackRepair.start(env.prefix)
         return _pack_files(tarball, fmt, level, threads, ignore_missing_files, fp, t0, repair,
-                           shared, prefetch)
+                           shared, prefetch, replaced)
     finally:
         if repair is not None:
             repair.close()
         if prefetch is not None:
             prefetch.close()
+        replaced.close()
+
+
+class _Replaced:
+    """The archive a repack replaces, held open across the rename and closed
+    in a thread while the sidecar is written.  A rename over the last link
+    of a file frees its blocks inside the rename (on this VM's ext4, mounted
+    with ``discard``: 22-27 ms for an 80 MB archive, at the very end of
+    every repack); held open, they are freed when it is closed.  On local
+    disks only (an NFS client would rename it to a ``.nfs*`` name instead)."""
+
+    def __init__(self):
+        self._fd = None
+        self._thread = None
+
+    def hold(self, path) -> None:
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                               | os.O_CLOEXEC)
+        except OSError:
+            self._fd = None
+
+    def release(self) -> None:
+        """After the rename: close it, in a thread."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            thread = threading.Thread(target=os.close, args=(fd,), name="conda-stage-free")
+            thread.start()
+        except RuntimeError:  # no thread to be had
+            os.close(fd)
+            return
+        self._thread = thread
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
 
 def _pack_files(tarball: Tarball, fmt: str, level, threads, ignore_missing_files, fp, t0,
                 repair: bytecode.PackRepair | None, shared: bool,
-                prefetch: _Prefetch | None) -> Meta:
+                prefetch: _Prefetch | None, replaced: _Replaced) -> Meta:
     core = _conda_pack_core()
     CondaPackException, Packer = core.CondaPackException, core.Packer
 
@@ -1184,7 +1227,10 @@ def _pack_files(tarball: Tarball, fmt: str, level, threads, ignore_missing_files
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644 & ~current_umask())
+        if not shared:
+            replaced.hold(target)
         os.replace(tmp, target)
+        replaced.release()
     except BaseException:
         try:
             os.unlink(tmp)

@@ -563,3 +563,35 @@ def test_no_gc_restores_the_collector():
         assert not gc.isenabled()  # it was off: it stays off
     finally:
         gc.enable()
+
+
+def test_replaced_archive_is_closed_in_a_thread(tmp_path):
+    """The archive a repack replaces is held across the rename and closed
+    in a thread; nothing stays open, nothing blocks (a FIFO, a missing file)."""
+    import threading
+
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    before, threads = fds(), threading.active_count()
+    target, new = tmp_path / "env.tar.zst", tmp_path / "new.tmp"
+    target.write_bytes(b"old" * 1000)
+    new.write_bytes(b"new")
+    r = pack._Replaced()
+    r.hold(target)
+    assert fds() == before + 1
+    os.replace(new, target)
+    r.release()
+    r.close()
+    assert fds() == before and threading.active_count() == threads
+    assert target.read_bytes() == b"new"
+    os.mkfifo(tmp_path / "fifo")
+    for path in (tmp_path / "missing", tmp_path / "fifo"):
+        r = pack._Replaced()
+        r.hold(path)
+        r.release()
+        r.close()
+    r = pack._Replaced()
+    r.hold(target)  # the rename failed: close() closes it
+    r.close()
+    assert fds() == before
