@@ -190,6 +190,15 @@ def markdown(res: dict) -> str:
             f"| interactive cycle: `conda activate` of the auto-staged env + `conda deactivate` "
             f"(shared FS, client cache) | {orig} | **{_s(md['ours'])}**{bg} | plain conda, no "
             f"staging {_s(md['plain'])} | {result} |")
+        if "image" in md:
+            if "original" in md:
+                result = (f"**{cy['image_speedup_vs_original']:.1f}x faster**"
+                          f"{_goal(res, 'interactive cycle >= 3x faster than the original tool, with shell images')}"
+                          f" (goal ≥3x)")
+            lines.append(
+                f"| the same, with shell images (`CONDA_STAGE_SHELL_IMAGES=yes`: the env's image "
+                f"copied to local disk and mounted) | {orig} | **{_s(md['image'])}** | plain "
+                f"conda, no staging {_s(md['plain'])} | {result} |")
     lines.append("")
     goals = res.get("goals", {})
     if goals:

@@ -45,6 +45,9 @@ def status_lines(env: Env, base: Path | None = None) -> list[str]:
                      f"{meta.unpacked_bytes / 1e6:.1f} MB unpacked, packed {age} ago "
                      f"in {meta.pack_seconds:.1f} s; {freshness}")
     lines.append(f"Image:        {_image_state(env, tarball.path)}")
+    mounted = _image_mount(env)
+    if mounted:
+        lines.append(f"Mounted:      {mounted}")
     copies = [(p, m) for p, m in find_copies(base or staging_base())
               if m.original == str(env.prefix)]
     if not copies:
@@ -75,6 +78,25 @@ def _image_state(env: Env, tarball_path: Path) -> str:
     state = "current" if why is None else f"not used: {why}"
     return (f"{image.path} ({meta.size / 1e6:.1f} MB, mounted by jobs at "
             f"{output.printable(meta.mount_prefix)}); {state}")
+
+
+def _image_mount(env: Env) -> str | None:
+    """Where the image is mounted on this node, and who holds it (shells by
+    PID, a job), if it is."""
+    from .image import Image, has_image
+
+    if not has_image(env):
+        return None
+    meta = Image(env).read_meta()
+    if meta is None or not os.path.ismount(meta.mount_prefix):
+        return None
+    from .shellimage import JOB_CLAIM, shell_holders
+
+    folder = Path(meta.mount_prefix).parent
+    who = [f"shell {', '.join(map(str, pids))}" for pids in [shell_holders(folder)] if pids]
+    if os.path.lexists(folder / JOB_CLAIM):
+        who.append("a job")
+    return f"{meta.mount_prefix} ({'held by ' + ' and '.join(who) if who else 'held by nobody'})"
 
 
 def node_status(*, as_json: bool = False) -> str:

@@ -110,6 +110,7 @@ def test_two_shells_share_one_mount_and_the_last_one_unmounts(
             f"if mountpoint -q {expected}; then echo kept=yes; fi"
     body = f"""conda activate {env.name}
 echo "outer=$CONDA_PREFIX"
+conda-stage status {env.prefix} | sed -n 's/^Mounted: */status=/p'
 bash -c '. {conda_site.init_file}; {inner}'
 conda deactivate
 if mountpoint -q {expected}; then echo "still=yes"; fi
@@ -118,6 +119,7 @@ if mountpoint -q {expected}; then echo "still=yes"; fi
     assert r.returncode == 0, r.stderr
     v = values(r.stdout)
     assert v["outer"] == v["inner"] == expected, (r.stdout, r.stderr)
+    assert re.fullmatch(rf"{re.escape(expected)} \(held by shell [0-9]+\)", v["status"]), r.stdout
     assert v.get("kept") == "yes", r.stderr  # the outer shell still holds it
     assert "still" not in v, r.stderr
     assert r.stderr.count("INFO: Mounting ") == 1, r.stderr
