@@ -253,3 +253,67 @@ def test_a_user_reads_their_own_records_but_cannot_list_anyones():
         assert run_as(nobody, os.access, str(records), os.R_OK) is False  # not listable
     finally:
         shutil.rmtree(base)
+
+
+# ---------------------------------------------------------------- shell images
+OTHER = 65533  # a second unprivileged uid (no account needed: root acts for it)
+
+
+def test_with_shell_images_users_is_sticky_and_writable_by_all_else_roots(tmp_path):
+    tmp_path.chmod(0o755)
+    users = tmp_path / "jobs" / "users"
+    NodeStore(str(tmp_path / "jobs"), str(tmp_path / "state"),
+              shell_images=True).prepare_user(NOBODY, NOBODY)
+    assert (users.stat().st_uid, users.stat().st_mode & 0o7777) == (0, 0o1733)
+    NodeStore(str(tmp_path / "jobs"), str(tmp_path / "state")).prepare_user(NOBODY, NOBODY)
+    assert users.stat().st_mode & 0o7777 == 0o755  # the site turned them off again
+
+
+def test_a_folder_the_users_shell_made_is_kept(tmp_path):
+    tmp_path.chmod(0o755)
+    store = NodeStore(str(tmp_path / "jobs"), str(tmp_path / "state"), shell_images=True)
+    folder = store.prepare_user(NOBODY, NOBODY)
+    (folder / "00000000000000ab").mkdir()  # e.g. a shell's mounted image
+    os.chown(folder / "00000000000000ab", NOBODY, NOBODY)
+    assert store.prepare_user(NOBODY, NOBODY) == folder
+    assert (folder / "00000000000000ab").is_dir()
+
+
+@pytest.mark.parametrize("plant", ["others_folder", "open_folder_of_the_user", "file", "fifo",
+                                   "link_to_etc"])
+def test_what_else_is_in_the_users_place_is_squatted_and_replaced(tmp_path, plant):
+    tmp_path.chmod(0o755)
+    store = NodeStore(str(tmp_path / "jobs"), str(tmp_path / "state"), shell_images=True)
+    store.prepare_user(OTHER, OTHER)  # makes users/
+    place = store.user_folder(NOBODY)
+    before = sorted(os.listdir("/etc"))
+    if plant in ("others_folder", "open_folder_of_the_user"):
+        owner = OTHER if plant == "others_folder" else NOBODY
+        (place / "00000000000000ab").mkdir(parents=True)
+        (place / "00000000000000ab" / "planted").write_text("x")
+        for p in (place, place / "00000000000000ab"):
+            os.chown(p, owner, owner)
+        place.chmod(0o777)
+    elif plant == "file":
+        place.write_text("x")
+    elif plant == "fifo":
+        os.mkfifo(place)
+    else:
+        place.symlink_to("/etc")
+    assert store.prepare_user(NOBODY, NOBODY) == place
+    st = os.lstat(place)
+    assert (st.st_uid, st.st_mode & 0o7777) == (NOBODY, 0o700) and os.listdir(place) == []
+    assert sorted(os.listdir("/etc")) == before
+
+
+def test_only_folders_owned_by_the_uid_they_are_named_after_count_as_users(tmp_path):
+    tmp_path.chmod(0o755)
+    store = NodeStore(str(tmp_path / "jobs"), str(tmp_path / "state"), shell_images=True)
+    store.prepare_user(NOBODY, NOBODY)
+    users = Path(store.staging_dir) / "users"
+    for name, owner in (("1234", OTHER), ("4321", 4321)):
+        (users / name).mkdir()
+        os.chown(users / name, owner, owner)
+    (users / "999").symlink_to("/etc")
+    assert store.uids() == [4321, NOBODY]
+    assert not (Path(store.state_dir) / "users" / "1234.lock").exists()
