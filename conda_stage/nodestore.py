@@ -188,8 +188,8 @@ class NodeStore:
             os.close(fd)
 
     def prepare_user(self, uid: int, gid: int, deadline: float | None = None) -> Path:
-        """(root) ``B/users/<uid>``, the user's own 0700 folder.  One the
-        user made (a shell, with shell images) is kept; anything else there
+        """(root) ``B/users/<uid>``, the user's own 0700 folder.  One of the
+        user's (made by a shell, with shell images) is kept; anything else there
         -- someone else's folder, a link, a file -- was put there to squat
         it: it goes (the squatter's mounts in it first, unmounted as the
         squatter), and root makes the folder."""
@@ -201,11 +201,10 @@ class NodeStore:
                 except FileNotFoundError:
                     pass
                 else:
-                    if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and \
-                            not st.st_mode & 0o077:
-                        return self.user_folder(uid)
+                    if stat.S_ISDIR(st.st_mode) and st.st_uid == uid:
+                        return self.user_folder(uid)  # nobody else can make one of theirs
                     if stat.S_ISDIR(st.st_mode) and st.st_uid != 0:
-                        _unmount_as(st.st_uid, self.user_folder(uid))
+                        _unmount_as(st.st_uid, self.user_folder(uid), deadline)
                     _remove_at(users, name, deadline)
                 try:
                     os.mkdir(name, 0o700, dir_fd=users)
@@ -489,9 +488,11 @@ class UserStore:
                 pass
 
 
-def _unmount_as(owner: int, folder: Path) -> None:
+def _unmount_as(owner: int, folder: Path, deadline: float | None = None) -> None:
     """(root) Unmount the FUSE mounts of user ``owner`` in ``folder`` as
     that user (root never unmounts through a path a user can change)."""
+    import time
+
     from .image import unmount_all
     from .privileges import Account, ChildFailed, run_as
 
@@ -499,8 +500,9 @@ def _unmount_as(owner: int, folder: Path) -> None:
         account = Account.lookup(uid=owner)
     except KeyError:
         account = Account(name=str(owner), uid=owner, gid=owner, home="/", groups=())
+    left = 60.0 if deadline is None else min(60.0, deadline - time.monotonic())
     try:
-        run_as(account, unmount_all, folder, timeout=60)
+        run_as(account, unmount_all, folder, timeout=max(1.0, left))
     except (ChildFailed, OSError):
         pass  # the removal then stops at the mount and says so
 

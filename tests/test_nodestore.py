@@ -279,16 +279,15 @@ def test_a_folder_the_users_shell_made_is_kept(tmp_path):
     assert (folder / "00000000000000ab").is_dir()
 
 
-@pytest.mark.parametrize("plant", ["others_folder", "open_folder_of_the_user", "file", "fifo",
-                                   "link_to_etc"])
+@pytest.mark.parametrize("plant", ["others_folder", "file", "fifo", "link_to_etc"])
 def test_what_else_is_in_the_users_place_is_squatted_and_replaced(tmp_path, plant):
     tmp_path.chmod(0o755)
     store = NodeStore(str(tmp_path / "jobs"), str(tmp_path / "state"), shell_images=True)
     store.prepare_user(OTHER, OTHER)  # makes users/
     place = store.user_folder(NOBODY)
     before = sorted(os.listdir("/etc"))
-    if plant in ("others_folder", "open_folder_of_the_user"):
-        owner = OTHER if plant == "others_folder" else NOBODY
+    if plant == "others_folder":
+        owner = OTHER
         (place / "00000000000000ab").mkdir(parents=True)
         (place / "00000000000000ab" / "planted").write_text("x")
         for p in (place, place / "00000000000000ab"):
