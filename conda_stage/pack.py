@@ -17,6 +17,7 @@ import builtins
 import contextlib
 import datetime
 import gc
+import hashlib
 import io
 import json
 import mmap
@@ -629,10 +630,140 @@ def _load_files(prefix: str) -> set:
     return res
 
 
+# conda-pack's core.py files whose load_environment _load_environment is
+# (sha256): 0.9.2.  With any other, conda-pack's own runs.
+_KNOWN_CONDA_PACK_CORE = frozenset((
+    "88c2f01e93b4b53fe566c7f0bf6700067ed7fec056fd5f8ff459c660a9671481",
+))
+
+
+def _known_conda_pack(core) -> bool:
+    """Whether ``core`` is a conda-pack whose ``load_environment`` is
+    :func:`_load_environment`'s (its core.py, byte for byte), on POSIX."""
+    if core.on_win:
+        return False
+    try:
+        with builtins.open(core.__file__, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest() in _KNOWN_CONDA_PACK_CORE
+    except (OSError, TypeError):
+        return False
+
+
+def _load_environment(prefix, on_missing_cache="warn", ignore_editable_packages=False,
+                      ignore_missing_files=False):
+    """conda-pack 0.9.2's ``load_environment``, step by step, on POSIX: the
+    same File list in the same order, the same errors and warnings.  Only
+    faster: ``os.path.normcase`` is the identity there (the names stay a
+    set), and the 10,000s of unmanaged files are joined to the prefix with
+    a "/" (``os.path.join`` of an absolute prefix and a relative name) and
+    made with positional arguments."""
+    core = _conda_pack_core()
+    File = core.File
+    if not os.path.exists(prefix):
+        raise core.CondaPackException("Environment path %r doesn't exist" % prefix)
+    conda_meta = os.path.join(prefix, "conda-meta")
+    if not os.path.exists(conda_meta):
+        raise core.CondaPackException("Path %r is not a conda environment" % prefix)
+
+    site_packages = core.find_site_packages(prefix)
+    if site_packages is not None and not ignore_editable_packages:
+        core.check_no_editable_packages(prefix, site_packages)
+
+    all_files = core.load_files(prefix)  # conda-pack: {normcase(p): p}, here {p: p}
+
+    files = []
+    managed = set()
+    uncached = []
+    missing_files = {}
+    for path in os.listdir(conda_meta):
+        if path.endswith(".json"):
+            with builtins.open(os.path.join(conda_meta, path)) as fil:
+                info = json.load(fil)
+
+            pkg = info["link"]["source"] if info["link"] else ""
+
+            if not os.path.exists(pkg):
+                new_files = [File(os.path.join(prefix, f), f, is_conda=True,
+                                  prefix_placeholder=None, file_mode="unknown")
+                             for f in info["files"] if f != ".nonadmin"]
+                uncached.append((info["name"], info["version"], info["url"]))
+            else:
+                new_files = core.load_managed_package(info, prefix, site_packages, all_files)
+
+            targets = {f.target for f in new_files}
+            new_missing = targets.difference(all_files)
+
+            if new_missing:
+                missing_files[(info["name"], info["version"])] = new_missing
+
+                if ignore_missing_files:
+                    new_files = [f for f in new_files if f.target not in new_missing]
+
+            managed.update(targets)
+            files.extend(new_files)
+            managed.add(os.path.join("conda-meta", path))
+            files.append(File(os.path.join(conda_meta, path),
+                              os.path.join("conda-meta", path),
+                              is_conda=True,
+                              prefix_placeholder=None,
+                              file_mode=None))
+
+    if os.path.exists(os.path.join(conda_meta, "history")):
+        managed.add(os.path.join("conda-meta", "history"))
+        files.append(File(os.path.join(conda_meta, "history"),
+                          os.path.join("conda-meta", "history"),
+                          is_conda=True, prefix_placeholder=None, file_mode=None))
+
+    if missing_files and not ignore_missing_files:
+        packages = []
+        for key, value in missing_files.items():
+            packages.append("- %s %s:" % key)
+            value = sorted(value)
+            if len(value) > 4:
+                value = value[:3] + ["+ %d others" % (len(value) - 3)]
+            packages.extend("    " + p for p in value)
+        packages = "\n".join(packages)
+        raise core.CondaPackException(core._missing_files_error.format(packages))
+
+    unmanaged = all_files.difference(managed)
+    unmanaged -= {os.path.join(core.BIN_DIR, f) for f in ("conda", "activate", "deactivate")}
+
+    base = prefix if prefix.endswith("/") else prefix + "/"
+    find_py_source = core.find_py_source
+    files.extend(File(base + p, p, False, "unknown", None)
+                 for p in unmanaged if not _py_source_in(p, managed, find_py_source))
+
+    if uncached and on_missing_cache in ("warn", "raise"):
+        packages = "\n".join("- %s=%r   %s" % i for i in uncached)
+        if on_missing_cache == "warn":
+            core.context.warn(core._uncached_warning.format(packages))
+        else:
+            raise core.CondaPackException(core._uncached_error.format(packages))
+
+    return files
+
+
+def _py_source_in(path: str, managed: set, find_py_source) -> bool:
+    """``find_py_source(path) in managed``, asked only of the bytecode whose
+    source would be in ``managed``: importlib's ``source_from_cache`` either
+    raises (conda-pack: None) or returns the folder above ``__pycache__``
+    joined to the name up to its first dot, plus ".py"."""
+    if sys.pycache_prefix is None:
+        head, _, name = path.rpartition("/")
+        above, _, folder = head.rpartition("/")
+        if folder != "__pycache__":
+            return False  # it raises: None
+        source = name.partition(".")[0] + ".py"
+        if (above + "/" + source if above else source) not in managed:
+            return False  # it says that, or raises
+    return find_py_source(path) in managed
+
+
 @contextlib.contextmanager
 def _fast_scan():
     """conda-pack's ``load_files`` and ``find_py_source`` replaced by the
-    equivalents above while it scans the environment."""
+    equivalents above while it scans the environment, and its
+    ``load_environment`` too, when it is the one written out above."""
     core = _conda_pack_core()
 
     original = core.find_py_source
@@ -644,11 +775,15 @@ def _fast_scan():
 
     core.load_files, loader = _load_files, core.load_files
     core.find_py_source = find_py_source
+    environment = core.load_environment
+    if _known_conda_pack(core):
+        core.load_environment = _load_environment
     try:
         yield
     finally:
         core.load_files = loader
         core.find_py_source = original
+        core.load_environment = environment
 
 
 # What tarfile writes in PAX format for the members packed here: a ustar

@@ -595,3 +595,126 @@ def test_replaced_archive_is_closed_in_a_thread(tmp_path):
     r.hold(target)  # the rename failed: close() closes it
     r.close()
     assert fds() == before
+
+
+def _conda_env(tmp_path):
+    """An environment with conda packages from a package cache (paths.json,
+    noarch: python, info/files + has_prefix), an uncached one, pip's files,
+    bytecode of managed and unmanaged sources, history, conda's scripts."""
+    root, pkgs = tmp_path / "cenv", tmp_path / "pkgs"
+    sp = "lib/python3.11/site-packages"
+
+    def put(path, text="x\n"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    def record(name, files, source):
+        put(root / "conda-meta" / f"{name}-1.0-0.json", json.dumps(
+            {"name": name, "version": "1.0", "url": f"https://x/{name}", "files": files,
+             "link": {"source": str(source)} if source is not None else None}))
+
+    a = pkgs / "a-1.0-0"
+    put(a / "info" / "paths.json", json.dumps({"paths": [
+        {"_path": "lib/a.py", "file_mode": "text", "prefix_placeholder": "/opt/ph"},
+        {"_path": "lib/__pycache__/a.cpython-311.pyc"}, {"_path": "lib/a.so",
+                                                          "file_mode": "binary",
+                                                          "prefix_placeholder": "/opt/ph"}]}))
+    for f in ("lib/a.py", "lib/__pycache__/a.cpython-311.pyc", "lib/a.so"):
+        put(root / f)
+    record("a", ["lib/a.py", "lib/__pycache__/a.cpython-311.pyc", "lib/a.so"], a)
+    b = pkgs / "b-1.0-0"
+    put(b / "info" / "link.json", json.dumps({"noarch": {"type": "python"}}))
+    put(b / "info" / "paths.json", json.dumps({"paths": [
+        {"_path": "site-packages/b.py"}, {"_path": "python-scripts/bscript",
+                                          "file_mode": "text", "prefix_placeholder": "/opt/ph"}]}))
+    for f in (f"{sp}/b.py", f"{sp}/__pycache__/b.cpython-311.pyc", "bin/bscript"):
+        put(root / f)
+    record("b", [f"{sp}/b.py", f"{sp}/__pycache__/b.cpython-311.pyc", "bin/bscript",
+                 f"{sp}/__pycache__/gone.cpython-311.pyc"], b)
+    c = pkgs / "c-1.0-0"
+    put(c / "info" / "files", "lib/c.txt\nlib/c2.txt\n")
+    put(c / "info" / "has_prefix", "/opt/ph text lib/c.txt\n")
+    for f in ("lib/c.txt", "lib/c2.txt"):
+        put(root / f)
+    record("c", ["lib/c.txt", "lib/c2.txt"], c)
+    put(root / "conda-meta" / "python-3.11.0-0.json", json.dumps(
+        {"name": "python", "version": "3.11.0", "url": "https://x/python", "files":
+         ["bin/python3.11", ".nonadmin"], "link": {"source": str(tmp_path / "nowhere")}}))
+    put(root / "bin" / "python3.11")
+    put(root / "conda-meta" / "history", "==> x <==\n")
+    for f in (f"{sp}/pipped/__init__.py", f"{sp}/pipped/__pycache__/__init__.cpython-311.pyc",
+              f"{sp}/pipped/__pycache__/__init__.cpython-311.opt-1.pyc",
+              f"{sp}/pipped/__pycache__/odd.pyc", "lib/__pycache__/a.cpython-311.opt-2.pyc",
+              "lib/__pycache__/a.x.y.z.pyc", "bin/conda", "bin/activate", "bin/tool",
+              f"{sp}/pipped-1.0.dist-info/METADATA", "share/empty/.keep"):
+        put(root / f)
+    (root / "share" / "empty" / ".keep").unlink()
+    (root / "lib" / "link.py").symlink_to("a.py")
+    return root
+
+
+def _scan(prefix, **kw):
+    """(File fields in order, warnings) of CondaEnv.from_prefix, or the error."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            files = [(f.source, f.target, f.is_conda, f.file_mode, f.prefix_placeholder)
+                     for f in cp_core.CondaEnv.from_prefix(str(prefix), **kw).files]
+        except cp_core.CondaPackException as exc:
+            files = ("error", str(exc))
+    return files, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("case", ["as is", "missing file", "missing, ignored", "editable",
+                                  "no python", "not conda", "no prefix"])
+def test_load_environment_is_conda_packs(tmp_path, case):
+    """pack._load_environment (used with the conda-pack it was written from)
+    against conda-pack's own: the same File list in the same order, the
+    same errors and warnings."""
+    root = _conda_env(tmp_path)
+    kw = {}
+    sp = root / "lib/python3.11/site-packages"
+    if case.startswith("missing"):
+        (root / "lib" / "c2.txt").unlink()
+        kw = {"ignore_missing_files": case.endswith("ignored")}
+    elif case == "editable":
+        (sp / "pipped-1.0.dist-info" / "direct_url.json").write_text(
+            json.dumps({"url": "file:///x", "dir_info": {"editable": True}}))
+    elif case == "no python":
+        (root / "conda-meta" / "python-3.11.0-0.json").unlink()
+        (root / "conda-meta" / "b-1.0-0.json").unlink()
+    elif case == "not conda":
+        import shutil
+
+        shutil.rmtree(root / "conda-meta")
+    elif case == "no prefix":
+        root = tmp_path / "nothing"
+    assert pack._known_conda_pack(cp_core)  # the conda-pack this was written from
+    with pack._fast_scan():
+        assert cp_core.load_environment is pack._load_environment
+        ours = _scan(root, **kw)
+    original = cp_core.load_environment
+    with pack._fast_scan():
+        cp_core.load_environment = original  # conda-pack's, with our listing
+        theirs = _scan(root, **kw)
+    assert ours == theirs
+    assert _scan(root, **kw) == theirs  # conda-pack alone
+    if case == "as is":
+        targets = [f[1] for f in ours[0]]
+        assert "lib/__pycache__/a.cpython-311.opt-2.pyc" not in targets  # its .py is conda's
+        assert "lib/python3.11/site-packages/pipped/__pycache__/odd.pyc" in targets
+        assert "bin/conda" not in targets and "bin/tool" in targets and ours[1]
+
+
+def test_py_source_in_is_find_py_source_in():
+    managed = {"lib/a.py", "a.py", "lib/x/b.py", ".py", "lib/.py"}
+    for path in ["lib/__pycache__/a.cpython-311.pyc", "lib/__pycache__/a.opt-1.pyc",
+                 "lib/__pycache__/a.cpython-311.opt-1.pyc", "lib/__pycache__/a.x.y.z.pyc",
+                 "lib/__pycache__/a.pyc", "__pycache__/a.cpython-311.pyc", "lib/a.py",
+                 "lib/x/__pycache__/b.cpython-311.pyc", "lib/__pycache__/.hidden.cpython-311.pyc",
+                 "lib/__pycache__/__pycache__", "__pycache__", "a", "", "lib/__pycache__/b.c.pyc",
+                 "lib/x/__pycache__/b.cpython-311.opt-x!.pyc"]:
+        expected = cp_core.find_py_source(path) in managed
+        assert pack._py_source_in(path, managed, cp_core.find_py_source) == expected, path
