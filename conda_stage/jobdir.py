@@ -481,9 +481,9 @@ def _remove_at(dir_fd: int, name: str, deadline: float | None = None) -> bool:
 
 
 def _empty_until_subfolder(fd: int, device: int):
-    """Unlink the non-folders in the folder ``fd`` until the first
-    subfolder; return ``(name, its fd, (dev, ino))`` for it, or None when
-    the folder is empty."""
+    """Unlink the non-folders and remove the empty folders in the folder
+    ``fd`` until the first subfolder that is not empty; return ``(name, its
+    fd, (dev, ino))`` for it, or None when the folder is empty."""
     with os.scandir(fd) as entries:
         for entry in entries:
             try:
@@ -496,6 +496,11 @@ def _empty_until_subfolder(fd: int, device: int):
                 except IsADirectoryError:  # swapped for a folder: the next pass sees it
                     pass
                 continue
+            try:  # an empty folder goes at once: no descent, no new pass over this one
+                os.rmdir(entry.name, dir_fd=fd)
+                continue
+            except OSError:
+                pass  # not empty, a mount point, swapped: looked at below
             try:
                 child = os.open(entry.name, _DIR_FLAGS, dir_fd=fd)
             except FileNotFoundError:

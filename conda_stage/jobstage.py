@@ -52,7 +52,8 @@ def prolog(job: Job, config: Config, log) -> dict | None:
         else:
             # Other users' copies past their keep time make room first
             # (only users whose lock is free right now: never a wait).
-            sweep_node(store, log, job.label, wait=False, skip=job.account.uid)
+            sweep_node(store, log, job.label, wait=False, skip=job.account.uid,
+                       deadline=_share(deadline, 0.1))
             # One user's prologs take turns: the first extracts, the next
             # ones find its copy and share it.
             with store.locked(job.account.uid, deadline) as mine:
@@ -156,7 +157,9 @@ def _sweep(mine, account, log, label: str, *, deadline=None, keep=None, over=Non
         try:
             result = run_as(account, _terminate_under,
                             [str(mine.store.copy_folder(mine.uid, r.id)) for r in doomed],
-                            str(folder), live, sorted(records), timeout=60)
+                            str(folder), live, sorted(records),
+                            timeout=60 if deadline is None else
+                            max(1.0, min(60.0, deadline - time.monotonic())))
             spared = {c for c in result.get("spared", ()) if valid_id(c)} \
                 if isinstance(result, dict) else set()
         except (ChildFailed, OSError) as exc:
@@ -175,7 +178,7 @@ def _sweep(mine, account, log, label: str, *, deadline=None, keep=None, over=Non
         except Exception as exc:  # noqa: BLE001 -- one copy never stops the others
             log.error(f"{label}: could not remove {rec.path}: {one_line(exc)}")
     try:
-        mine.tidy()
+        mine.tidy(deadline)
     except Exception as exc:  # noqa: BLE001
         log.error(f"{label}: could not tidy uid {mine.uid}'s store folder: {one_line(exc)}")
     return removed
@@ -390,8 +393,8 @@ def epilog(job: Job, config: Config, log) -> None:
             log.info(f"{job.label}: removed {path}, staged by a shell that has exited")
     except (ChildFailed, OSError) as exc:
         log.error(f"{job.label}: cleaning up as the job user failed: {one_line(exc)}")
-    if job.folder is not None:
-        _release(job, config, log, deadline)
+    if job.folder is not None:  # half the time left, the rest for the job's folder
+        _release(job, config, log, _share(deadline, 0.5))
     if not staged:
         return
     if job.folder is not None:
@@ -425,16 +428,23 @@ def _release(job: Job, config: Config, log, deadline: float) -> None:
                         "no job uses it now"
                     log.info(f"{job.label}: released {rec.path} ({left})")
                 _sweep(mine, job.account, log, job.label, deadline=deadline)
-        sweep_node(store, log, job.label, wait=False, skip=uid)
+        sweep_node(store, log, job.label, wait=False, skip=uid, deadline=_share(deadline, 0.2))
     except Exception as exc:  # noqa: BLE001 -- the job folder is still removed below
         log.error(f"{job.label}: releasing shared copies failed: {one_line(exc)}")
 
 
+def _share(deadline: float, part: float) -> float:
+    """A deadline ``part`` of the way from now to ``deadline``."""
+    now = time.monotonic()
+    return now + max(0.0, deadline - now) * part
+
+
 def sweep_node(store: NodeStore, log, label: str, *, wait: bool, skip=None,
-               is_gone=None) -> list:
+               is_gone=None, deadline: float | None = None) -> list:
     """(root) Every user's unused copies past their keep time or over the
     disk budget.  ``wait``: wait for busy users' locks (gc), else skip them
-    (hooks).  ``is_gone(holder)``: drop holders whose job no longer runs."""
+    (hooks).  ``is_gone(holder)``: drop holders whose job no longer runs.
+    Past ``deadline`` (hooks) removals stop: the next sweep or gc finishes."""
     from .nodestore import over_budget
     from .privileges import Account
 
@@ -445,6 +455,8 @@ def sweep_node(store: NodeStore, log, label: str, *, wait: bool, skip=None,
     for uid in store.uids():
         if uid == skip:
             continue
+        if deadline is not None and time.monotonic() >= deadline:
+            break
         try:
             account = Account.lookup(uid=uid)
         except KeyError:
@@ -457,7 +469,7 @@ def sweep_node(store: NodeStore, log, label: str, *, wait: bool, skip=None,
                                  f"that job no longer runs here")
                 if account is None:
                     account = Account(name=str(uid), uid=uid, gid=uid, home="/", groups=())
-                removed += _sweep(mine, account, log, label, over=over)
+                removed += _sweep(mine, account, log, label, over=over, deadline=deadline)
         except StageError as exc:
             if "another job of the same user" not in str(exc):
                 log.error(f"{label}: sweeping uid {uid}'s copies failed: {one_line(exc)}")

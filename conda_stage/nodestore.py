@@ -191,8 +191,8 @@ class NodeStore:
         """(root) ``B/users/<uid>``, the user's own 0700 folder.  One of the
         user's (made by a shell, with shell images) is kept; anything else there
         -- someone else's folder, a link, a file -- was put there to squat
-        it: it goes (the squatter's mounts in it first, unmounted as the
-        squatter), and root makes the folder."""
+        it: it goes (the squatter's mounts there first, detached), and root
+        makes the folder."""
         name = str(int(uid))
         with self._users(create=True) as users:
             for _ in range(3):
@@ -200,11 +200,13 @@ class NodeStore:
                     st = os.stat(name, dir_fd=users, follow_symlinks=False)
                 except FileNotFoundError:
                     pass
+                except PermissionError:  # another user's FUSE mount over it
+                    _detach_mounts(users, self.user_folder(uid))
+                    _remove_at(users, name, deadline)
                 else:
                     if stat.S_ISDIR(st.st_mode) and st.st_uid == uid:
                         return self.user_folder(uid)  # nobody else can make one of theirs
-                    if stat.S_ISDIR(st.st_mode) and st.st_uid != 0:
-                        _unmount_as(st.st_uid, self.user_folder(uid), deadline)
+                    _detach_mounts(users, self.user_folder(uid))
                     _remove_at(users, name, deadline)
                 try:
                     os.mkdir(name, 0o700, dir_fd=users)
@@ -472,13 +474,13 @@ class UserStore:
             finally:
                 os.close(user)
 
-    def tidy(self) -> None:
+    def tidy(self, deadline: float | None = None) -> None:
         """With nothing left for this user: their folders and lock file go."""
         if self.records() or self._copy_ids():
             return
         try:
             with self.store._users() as users:
-                _remove_at(users, str(self.uid))
+                _remove_at(users, str(self.uid), deadline)
         except (OSError, StageError):
             pass
         for name in (str(self.uid), f"{self.uid}.lock"):
@@ -488,23 +490,56 @@ class UserStore:
                 pass
 
 
-def _unmount_as(owner: int, folder: Path, deadline: float | None = None) -> None:
-    """(root) Unmount the FUSE mounts of user ``owner`` in ``folder`` as
-    that user (root never unmounts through a path a user can change)."""
-    import time
+_MNT_DETACH, _UMOUNT_NOFOLLOW = 2, 8
 
-    from .image import unmount_all
-    from .privileges import Account, ChildFailed, run_as
+
+def _detach_mounts(users_fd: int, folder: Path) -> None:
+    """(root) Detach the mounts at and below ``folder`` (``users/<uid>``,
+    squatted), shallowest first: a lazy unmount takes those below along.
+    Each is reached through directory file descriptors from ``users_fd``
+    (root's), never following a link, and detached by its last name
+    relative to its folder (``UMOUNT_NOFOLLOW``): whatever the squatter
+    renames meanwhile, root only ever detaches a mount inside the squatted
+    folder -- the squatter's own FUSE mounts, root cannot even look into."""
+    import ctypes
+
+    from .image import fuse_mounts_under
 
     try:
-        account = Account.lookup(uid=owner)
-    except KeyError:
-        account = Account(name=str(owner), uid=owner, gid=owner, home="/", groups=())
-    left = 60.0 if deadline is None else min(60.0, deadline - time.monotonic())
+        with open("/proc/self/mountinfo", "rb") as fh:
+            points = list(reversed(fuse_mounts_under(fh.read(), folder)))
+    except OSError:
+        return
+    if not points:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    here = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        run_as(account, unmount_all, folder, timeout=max(1.0, left))
-    except (ChildFailed, OSError):
-        pass  # the removal then stops at the mount and says so
+        here = _swap_fd(here, os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+    except OSError:
+        pass  # no way back to the working folder: come back to /
+    try:
+        for point in points:
+            parts = point.relative_to(folder.parent).parts
+            fd = os.dup(users_fd)
+            try:
+                for part in parts[:-1]:
+                    fd = _swap_fd(fd, os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                              | os.O_CLOEXEC, dir_fd=fd))
+                os.fchdir(fd)
+                libc.umount2(os.fsencode(parts[-1]), _MNT_DETACH | _UMOUNT_NOFOLLOW)
+            except OSError:
+                continue  # gone with one above it, or not a folder any more
+            finally:
+                os.close(fd)
+    finally:
+        os.fchdir(here)
+        os.close(here)
+
+
+def _swap_fd(old: int, new: int) -> int:
+    os.close(old)
+    return new
 
 
 def _load(dir_fd: int, name: str) -> Record | None:

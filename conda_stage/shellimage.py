@@ -138,7 +138,10 @@ def folder_locked(folder: Path, *, create: bool = True, wait: bool = True):
 
 
 def shell_holders(folder: Path) -> list[int]:
-    """PIDs of the live shells holding the image in ``folder``."""
+    """PIDs of the live shells holding the image in ``folder``: processes of
+    the calling user whose start time matches their holder file (a holder
+    file is the user's to write: it names no other user's process, no
+    process without its start time, and none that has exited)."""
     found = []
     try:
         names = os.listdir(folder)
@@ -150,9 +153,10 @@ def shell_holders(folder: Path) -> list[int]:
         try:
             pid, start_ms = (int(x) for x in name[len(HOLDER_PREFIX):].split("-", 1))
             start = process_start(pid)
+            owner = os.stat(f"/proc/{pid}").st_uid
         except (ValueError, OSError):
             continue
-        if not start_ms or abs(start * 1000 - start_ms) < 1000:
+        if start_ms and abs(start * 1000 - start_ms) < 1000 and owner == os.getuid():
             found.append(pid)
     return found
 

@@ -16,10 +16,11 @@ image folders that live shells hold.
 
 Attacks: the victim's folder squatted as a 0777 folder of the attacker's,
 as links (to a folder of root's, to one of the attacker's), a file, a FIFO,
-a folder with the attacker's FUSE mount inside; ``users/`` flooded with
-3,000 uid-named folders and links; the attacker's own folder full of links
-named like image ids, holder files naming the victim's process, job
-claims.
+a folder with the attacker's FUSE mount inside, on it, or out of the
+attacker's own reach; ``users/`` flooded with 3,000 uid-named folders and
+links; the attacker's own folder full of links named like image ids,
+holder files naming the victim's process, job claims; a wide tree in the
+squatted folder and in an unrecorded id of the attacker's own folder.
 
 Effects are checked as in tests/test_attack_image.py: no code of the
 attacker's ran as root or the victim; /etc, /root, both homes, the test
@@ -257,6 +258,7 @@ def test_control_the_victims_image_is_mounted_in_its_own_folder(atk):
 
 # ----------------------------------------------------------------- the victim's folder squatted
 SQUATS = ["dir_0777", "symlink_to_decoy", "symlink_to_own", "file", "fifo", "fuse_inside"]
+FUSE_SQUATS = ["fuse_over", "fuse_out_of_reach"]
 
 
 def _squat(atk, how: str) -> dict:
@@ -335,6 +337,18 @@ def test_a_squatted_victim_folder_is_replaced_and_the_victim_staged(how, atk):
     mounted at its sidecar's path, in its own 0700 folder -- the link
     targets are intact (root followed nothing), no FUSE mount or process of
     the attacker's is left, the node is not drained, nothing is left."""
+    _victims_job_despite_squat(atk, how)
+
+
+@pytest.mark.parametrize("how", FUSE_SQUATS)
+def test_a_victim_folder_squatted_by_a_fuse_mount_is_replaced(how, atk):
+    """The attacker mounts its own image (squashfuse_ll) over
+    ``users/<victim uid>`` itself, or at ``users/<victim uid>/cs-locked/m``
+    and then takes every permission off ``cs-locked`` (so that the
+    attacker's own unmount, fusermount3, cannot reach it).  Root may not
+    stat or open another user's FUSE mount (EACCES), yet the victim's job
+    must be staged as with any other squat, and nothing of the attacker's
+    may be left mounted."""
     _victims_job_despite_squat(atk, how)
 
 
@@ -447,6 +461,99 @@ ln -s /etc cs-evil
     shell.wait()
     r = gc_jobs(atk.cluster)
     assert r.returncode == 0, r.stdout + r.stderr
+    verify(atk)
+
+
+# ----------------------------------------------------------------- a wide tree
+WIDE = 60000   # sibling folders: removing them one rescan at a time takes root minutes
+
+
+def _wide_tree(atk, folder: Path) -> None:
+    as_attacker_py(atk, f"""import os
+top = {str(folder)!r}
+os.makedirs(top, exist_ok=True)
+for n in range({WIDE}):
+    os.mkdir(f"{{top}}/{{n}}")
+""")
+
+
+def test_a_wide_tree_in_the_squatted_folder_holds_no_hook_past_its_budget(atk):
+    """The victim's squatted folder holds 60,000 folders side by side
+    (``_remove_at`` rescans the folder from its start after each one).  The
+    prolog stops removing at its budget (the job runs, told in one line),
+    the epilog (budget 30 s here) returns within its budget too, and the
+    node is not drained."""
+    victim = atk.people.victim
+    vic = atk.envs["vic"]
+    v = USERS / str(victim.uid)
+    as_attacker(atk, f'mkdir -m 0755 "{v}"')
+    _wide_tree(atk, v / "cs-wide")
+    atk.setting(epilog_budget=30)
+    atk.begin()
+    mark = A.size_of(HOOK_LOG)
+    jid = atk.submit(victim, probe(atk, vic.name, 'echo "cs_end=$(date +%s.%N)"\n'),
+                     [vic.name])
+    atk.started_within_budget(jid)
+    out = atk.finish(jid, timeout=300)
+    left_queue = time.time()
+    atk.completed(jid)
+    end = float(A.job_values(out)["cs_end"])
+    assert prolog_seconds(jid, mark) < A.BUDGET + 15
+    assert left_queue - end < 30 + 15, f"the epilog took {left_queue - end:.0f} s"
+    starved = [line for line in A.hook_log_lines(HOOK_LOG, mark)
+               if f"job {jid} " in line and "could not remove" in line]
+    assert not starved, ("removing the rest of the squatted folder (no deadline) used up the "
+                         f"epilog's budget, the job's folder was left: {starved}")
+    atk.healthy()
+    A.force_remove(v)
+    verify(atk)
+
+
+def test_a_wide_tree_in_the_attackers_own_folder_does_not_hold_the_victims_prolog(atk):
+    """The attacker makes its own ``users/<uid>`` (as a shell would) with an
+    id folder nobody recorded holding 60,000 folders side by side.  The
+    victim's prolog sweeps other users' unused copies first: it must still
+    return within its budget (the victim's job starts in time)."""
+    attacker, victim = atk.people.attacker, atk.people.victim
+    vic = atk.envs["vic"]
+    u = USERS / str(attacker.uid)
+    as_attacker(atk, f'mkdir -m 0700 "{u}"')
+    _wide_tree(atk, u / "bbbbbbbbbbbbbbb1")
+    atk.begin()
+    mark = A.size_of(HOOK_LOG)
+    jid = atk.submit(victim, probe(atk, vic.name, VICTIM_PROBE), [vic.name])
+    try:
+        atk.started_within_budget(jid)
+    finally:
+        out = atk.finish(jid, timeout=300)
+    atk.completed(jid)
+    victim_staged(atk, out)
+    assert prolog_seconds(jid, mark) < A.BUDGET + 15
+    A.force_remove(u)
+    verify(atk)
+
+
+# ----------------------------------------------------------------- holder files
+def test_a_holder_file_of_a_process_not_the_users_keeps_no_copy_forever(atk):
+    """The attacker's job adds ``.holder-1-0`` to the folder of the image
+    its prolog mounted: "held by PID 1, start time unknown" -- init, always
+    alive and not the attacker's shell.  After the job (copies are kept 0 s)
+    and root's 'gc --jobs', the copy must be gone like any unused copy:
+    a holder file names a shell of the folder's owner, or nothing."""
+    attacker = atk.people.attacker
+    one = atk.envs["one"]
+    atk.begin()
+    body = 'chmod u+w "$s" && touch "$s/.holder-1-0" && chmod u-w "$s" && echo cs_planted=1\n'
+    jid, out = atk.run(attacker, probe(atk, one.name, body), [one.name])
+    atk.completed(jid)
+    vals = A.job_values(out)
+    assert vals.get("cs_mounted") == "1" and vals.get("cs_planted") == "1", out
+    folder = Path(vals["cs_store_dir"])
+    assert folder.parent == USERS / str(attacker.uid), folder
+    r = gc_jobs(atk.cluster)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not os.path.lexists(folder), \
+        f"{folder} outlived its job and gc --jobs: kept for PID 1 ('a shell still uses it')"
     verify(atk)
 
 
