@@ -211,3 +211,16 @@ def test_a_writable_copy_is_extracted_and_says_why(clean, conda_site, conda_user
     assert lines == ["INFO: Not mounting its image: a writable copy was asked for (--writable); "
                      "extracting it instead"], r.stderr
     assert not Path(v["path"]).exists()
+
+
+def test_the_mount_of_a_shell_killed_without_deactivate_goes_with_gc(
+        clean, conda_site, conda_user, stage_bin, env):
+    expected = image_meta(env)["mount_prefix"]
+    r = shell(conda_site, conda_user, stage_bin,
+              f"conda activate {env.name}\necho \"prefix=$CONDA_PREFIX\"\nkill -9 $$")
+    assert values(r.stdout)["prefix"] == expected, (r.stdout, r.stderr)
+    assert img.mount_points(STAGING) == [expected]  # its shell is gone, not its mount
+    r = shell(conda_site, conda_user, stage_bin, "conda-stage gc")
+    assert r.returncode == 0, r.stderr
+    assert f"Removing {Path(expected).parent} (its shells are gone)" in r.stderr, r.stderr
+    assert img.mount_points(STAGING) == [] and not Path(expected).parent.exists()
