@@ -46,6 +46,20 @@ def stage_action(env, *, path=None, owner_pid=None, writable=False) -> int:
     return 0
 
 
+def pack_action(env, *, fmt=None, force=False, ignore_missing_files=False,
+                image=False) -> int:
+    """``--pack``: pack the environment if its tarball is not fresh (and
+    build or keep current its image)."""
+    from .image import after_pack
+    from .pack import pack
+    from .resolve import resolve
+
+    target = resolve(env)
+    pack(target, fmt=fmt, force=force, ignore_missing_files=ignore_missing_files)
+    after_pack(target, build_image=image)
+    return 0
+
+
 def unstage_action(env, *, force=False, owner_pid=None, background=False) -> int:
     """``--unstage``: let go of a staged copy (default: the active one)."""
     from .store import unstage
@@ -58,12 +72,14 @@ def unstage_action(env, *, force=False, owner_pid=None, background=False) -> int
 
 
 def _hook_call(args: list[str]):
-    """The hooks' calls, parsed without plumbum: ``(action, env, owner_pid,
-    background, quiet, debug)``, or None for anything else (the full parser
-    then handles it, errors included).  Accepted: ``--stage`` or
-    ``--unstage``, ``--owner-pid DIGITS`` (or ``=DIGITS``), ``--background``
-    (with ``--unstage``), ``-q``/``--quiet``, ``--debug``, each at most once,
-    and one ENV that does not start with ``-``."""
+    """The hooks' calls (and ``--pack``), parsed without plumbum: ``(action,
+    env, owner_pid, flag, quiet, debug)`` -- ``flag`` is ``--background``
+    or ``--force`` -- or None for anything else (the full parser then
+    handles it, errors included).  Accepted: ``--stage``, ``--unstage`` or
+    ``--pack``, ``--owner-pid DIGITS`` (or ``=DIGITS``; not with
+    ``--pack``), ``--background`` (with ``--unstage``), ``--force`` (with
+    ``--pack``), ``-q``/``--quiet``, ``--debug``, each at most once, and one
+    ENV that does not start with ``-``."""
     seen: set[str] = set()
     env = pid = None
     i = 0
@@ -86,7 +102,8 @@ def _hook_call(args: list[str]):
             continue
         if arg == "-q":
             arg = "--quiet"
-        if arg in ("--stage", "--unstage", "--background", "--quiet", "--debug"):
+        if arg in ("--stage", "--unstage", "--pack", "--background", "--force", "--quiet",
+                   "--debug"):
             if arg in seen:
                 return None
             seen.add(arg)
@@ -94,10 +111,12 @@ def _hook_call(args: list[str]):
             env = arg
         else:
             return None
-    actions = seen & {"--stage", "--unstage"}
-    if len(actions) != 1 or env is None or ("--background" in seen and "--unstage" not in seen):
+    actions = seen & {"--stage", "--unstage", "--pack"}
+    if len(actions) != 1 or env is None or ("--background" in seen and "--unstage" not in seen) \
+            or ("--force" in seen and "--pack" not in seen) or ("pid" in seen and "--pack" in seen):
         return None
-    return (actions.pop(), env, pid, "--background" in seen, "--quiet" in seen, "--debug" in seen)
+    return (actions.pop(), env, pid, "--background" in seen or "--force" in seen,
+            "--quiet" in seen, "--debug" in seen)
 
 
 class _Terminated(BaseException):
@@ -150,11 +169,13 @@ def _dispatch(argv) -> int:
 
         _inst, code = CondaStage.run(argv, exit=False)
         return code
-    action, env, pid, background, quiet, debug = call
+    action, env, pid, flag, quiet, debug = call
     output.configure(quiet=quiet, debug=debug)
     if action == "--stage":
         return stage_action(env, owner_pid=pid)
-    return unstage_action(env, owner_pid=pid, background=background)
+    if action == "--pack":
+        return pack_action(env, force=flag)
+    return unstage_action(env, owner_pid=pid, background=flag)
 
 
 def _run(argv) -> int:

@@ -13,7 +13,7 @@ from plumbum.cli.application import (ShowCompletion, ShowHelp, ShowHelpAll,
                                      ShowVersion, SwitchError)
 
 from . import __version__, output
-from .cli import describe_os_error, stage_action, unstage_action
+from .cli import describe_os_error, pack_action, stage_action, unstage_action
 from .errors import StageError, UsageError
 from .formats import FORMATS
 from .resolve import resolve
@@ -143,15 +143,8 @@ class CondaStage(_App):
         if self.auto_stage:
             return self._auto_stage(env)
         if self.do_pack:
-            from .pack import pack
-
-            target = resolve(env)
-            pack(target, fmt=self.fmt, force=self.force,
-                 ignore_missing_files=self.ignore_missing)
-            from .image import after_pack
-
-            after_pack(target, build_image=self.image)
-            return 0
+            return pack_action(env, fmt=self.fmt, force=self.force,
+                               ignore_missing_files=self.ignore_missing, image=self.image)
         if self.do_stage:
             return self._stage(env)
         return self._unstage(env)

@@ -10,6 +10,14 @@ read-ahead of the files with several threads (on a shared filesystem every
 open is a round trip to a server; done one after the other they dominate the
 time), a temporary name and a rename, a lock so two shells or jobs never
 pack the same environment at once, and the sidecar describing the result.
+
+For speed, a few of conda-pack's functions are written out here and tested
+against conda-pack's own: ``_load_files``, ``_is_binary_file`` and
+``_load_environment`` (the last used only with the conda-pack release it was
+read from, checked by the sha256 of its ``core.py``; any other runs its own).
+They follow conda-pack 0.9.2's ``core.py``, Copyright (c) 2017, Jim Crist and
+contributors, under its BSD-3-Clause license (conda-pack's LICENSE.txt),
+which applies to them.
 """
 from __future__ import annotations
 

@@ -382,12 +382,16 @@ def test_the_hooks_calls_are_parsed_without_plumbum_and_nothing_else_is():
     assert _hook_call(["--unstage", "--background", "--owner-pid=7", "/c"]) == \
         ("--unstage", "/c", 7, True, False, False)
     assert _hook_call(["-q", "--stage", "/e"]) == ("--stage", "/e", None, False, True, False)
+    assert _hook_call(["--pack", "--force", "/e"]) == ("--pack", "/e", None, True, False, False)
+    assert _hook_call(["--pack", "-q", "/e"]) == ("--pack", "/e", None, False, True, False)
     for other in (["--stage"], ["--stage", "a", "b"], ["--stage", "--background", "/e"],
                   ["--stage", "--unstage", "/e"], ["--stage", "--stage", "/e"],
                   ["--stage", "--owner-pid", "1e3", "/e"], ["--stage", "--owner-pid", "-1", "/e"],
                   ["--stage", "--owner-pid"], ["--stage", "--", "/e"], ["--stage", "--path", "x", "/e"],
                   ["--stage", "--writable", "/e"], ["--unstage", "--force", "/c"], ["--help"],
-                  ["status", "/e"], ["--stage", "-"]):
+                  ["status", "/e"], ["--stage", "-"], ["--pack"], ["--pack", "--image", "/e"],
+                  ["--pack", "--owner-pid", "3", "/e"], ["--pack", "--background", "/e"],
+                  ["--pack", "--format", "tar.gz", "/e"], ["--stage", "--force", "/e"]):
         assert _hook_call(other) is None, other
     # The hooks' calls do not import plumbum (nor conda-pack, psutil, yaml).
     code = ("import sys; from conda_stage import cli\n"
