@@ -185,11 +185,10 @@ def mount_for_shell(env, tarball_st: os.stat_result, owner_pid: int,
     ``owner_pid`` (shared with the user's other shells and jobs on this
     node), or None: extract instead -- one line says why when an image was
     there to use."""
-    from .image import Image
     from .stage import Shared, _mount_image
 
     config = site()
-    if config is None or Image(env).read_meta() is None:
+    if config is None:
         return None
     folder = own_folder(config.staging_dir)
     if isinstance(folder, str):

@@ -154,6 +154,9 @@ def stage(env: Env, *, path: Path | None = None, base: Path | None = None,
 
 
 def _has_image(env: Env) -> bool:
+    """Whether ``env`` has an image's sidecar: one stat on the activation's
+    path, without importing :mod:`image` (its ``has_image`` also looks for
+    an image without a sidecar, which no shell could mount)."""
     return os.path.lexists(env.prefix.parent / (env.prefix.name + ".sqfs.json"))
 
 
@@ -270,9 +273,9 @@ def _mount_image(env: Env, folder: Path, name: str, tarball_st, mode: str, copy_
             return line
         return None
     try:
-        with shellimage.folder_locked(target.parent) as lock:
+        with shellimage.folder_locked(target.parent):
             mounted = _mount_locked(env, img, target, cid, copy_image, deadline)
-            if isinstance(mounted, Shared) and lock is not None:
+            if isinstance(mounted, Shared):
                 if holder is None:
                     shellimage.claim_for_job(target.parent)
                 else:
