@@ -175,16 +175,10 @@ def envs(site, conda_site, stage_bin, people):
     """The attack suites' environments (the attacker's ``one`` and ``two``,
     the victim's ``vic``), each with an image built by its owner for the
     site's staging folder."""
-    KIT.mkdir(parents=True, exist_ok=True)
-    os.chmod(KIT, 0o755)
-    shutil.copyfile(SLOWFS, KIT / "slowfs.py")
-    os.chmod(KIT / "slowfs.py", 0o644)
-    with A.attack_envs(conda_site, stage_bin, people, ENV_PREFIX) as made:
-        for key, env in made.items():
-            user = people.victim if key == "vic" else people.attacker
-            img.pack_image(conda_site, user, stage_bin, env.name)
+    with img.attack_envs_with_images(conda_site, stage_bin, people, ENV_PREFIX, KIT) as made:
+        shutil.copyfile(SLOWFS, KIT / "slowfs.py")
+        os.chmod(KIT / "slowfs.py", 0o644)
         yield made
-    shutil.rmtree(KIT, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

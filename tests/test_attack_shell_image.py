@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import stat
 import subprocess
 import threading
@@ -75,9 +74,7 @@ def people():
 def site(conda_site):
     with img.users_may_mount(), A.hook_site(conda_site, HOOK_LOG) as defaults:
         defaults.update(stage_mode="auto", shell_images="yes")
-        for path, mode in ((STAGING, "0755"), (USERS, "1733")):
-            subprocess.run(["install", "-d", "-o", "root", "-g", "root", "-m", mode, str(path)],
-                           check=True)
+        img.shell_users_folder(STAGING)
         try:
             yield defaults
         finally:
@@ -88,14 +85,8 @@ def site(conda_site):
 def envs(site, conda_site, stage_bin, people):
     """The attacker's ``one`` and ``two`` and the victim's ``vic``, each with
     an image built by its owner for the site's staging folder."""
-    KIT.mkdir(parents=True, exist_ok=True)
-    os.chmod(KIT, 0o755)
-    with A.attack_envs(conda_site, stage_bin, people, ENV_PREFIX) as made:
-        for key, env in made.items():
-            user = people.victim if key == "vic" else people.attacker
-            img.pack_image(conda_site, user, stage_bin, env.name)
+    with img.attack_envs_with_images(conda_site, stage_bin, people, ENV_PREFIX, KIT) as made:
         yield made
-    shutil.rmtree(KIT, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

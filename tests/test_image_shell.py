@@ -49,9 +49,7 @@ def cluster(slurm_cluster, conda_site):
             slurm_hooks(slurm_cluster, staging_dir=STAGING, state_dir=STATE, log_file=HOOK_LOG,
                         syslog="no", conda_root=conda_site.root_prefix, keep_unused=0,
                         stage_mode="auto", shell_images="yes"):
-        for path, mode in ((STAGING, "0755"), (STAGING / "users", "1733")):
-            subprocess.run(["install", "-d", "-o", "root", "-g", "root", "-m", mode, str(path)],
-                           check=True)
+        img.shell_users_folder(STAGING)
         yield slurm_cluster
 
 

@@ -53,7 +53,38 @@ def users_may_mount():
         os.chmod("/dev/fuse", mode)
 
 
+def shell_users_folder(staging: Path) -> Path:
+    """``<staging>/users`` made root 1733, as an admin does for shell images
+    on a node (``install -d``); the staging folder root 0755."""
+    import subprocess
+
+    for path, mode in ((staging, "0755"), (staging / "users", "1733")):
+        subprocess.run(["install", "-d", "-o", "root", "-g", "root", "-m", mode, str(path)],
+                       check=True)
+    return staging / "users"
+
+
 # ----------------------------------------------------------------- the image
+@contextlib.contextmanager
+def attack_envs_with_images(site, stage_bin: Path, people, prefix: str, kit: Path):
+    """The attack suites' environments (:func:`tests.harness.attack.attack_envs`:
+    the attacker's ``one`` and ``two``, the victim's ``vic``), each with an
+    image built by its owner for the site's staging folder; ``kit`` (root
+    0755) made for the block and removed afterwards."""
+    from .attack import attack_envs
+
+    kit.mkdir(parents=True, exist_ok=True)
+    os.chmod(kit, 0o755)
+    try:
+        with attack_envs(site, stage_bin, people, prefix) as made:
+            for key, env in made.items():
+                pack_image(site, people.victim if key == "vic" else people.attacker, stage_bin,
+                           env.name)
+            yield made
+    finally:
+        shutil.rmtree(kit, ignore_errors=True)
+
+
 def pack_image(site, user, stage_bin: Path, name: str) -> None:
     """``conda stage --pack --image NAME`` as ``user`` (the image's mount
     path comes from the site file in place); it must say it created one."""
