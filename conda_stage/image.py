@@ -7,7 +7,10 @@ Packing (``conda-stage --pack --image``, the user, next to the tarball)::
                            path it will be mounted at, bytecode recompiled,
                            with the copy marker; zstd (mksquashfs)
     NAME.sqfs.json         its sidecar: image id, mount path, the tarball it
-                           was built from (size, mtime), its own size
+                           was built from (size, mtime), its own identity
+                           (size, mtime, inode), and the tarball's
+                           fingerprint of the environment (with its quick
+                           check)
 
 The mount path is the node store's path for the copy,
 ``<staging dir>/users/<uid>/<image id>/NAME``: the same on every node that
@@ -16,7 +19,11 @@ root prolog can create (nobody can squat it), and fixed at packing time,
 so staging rewrites nothing.  The image id is new at every build, so a
 rebuilt image is mounted next to the old one while jobs on it finish.
 
-Staging (the job user, under the node store's lock for that user): copy
+Staging (the job user, under the node store's lock for that user) needs
+neither the tarball nor its lock: the image's sidecar says whether the
+environment is still as packed (:meth:`Image.fresh`), and the image file
+opened must be the one the sidecar describes (an image replaced meanwhile
+by a repack is not: the tarball's locked path takes over).  Then copy
 the image into the store folder (one sequential read of one file; or, by
 the admin's choice, use it where it is) and mount it with ``squashfuse_ll``
 -- as the job user: the kernel never parses a user's image for root.
@@ -61,6 +68,22 @@ class ImageMeta:
     size: int
     created: str
     build_seconds: float
+    # not in sidecars of earlier builds (None: the tarball is then read to
+    # tell whether the image is current): the image file's identity,
+    # and the fingerprint of the environment it holds, with its quick check
+    image_mtime_ns: int | None = None
+    image_ino: int | None = None
+    fingerprint: str | None = None
+    quick: list | None = None
+
+    def self_contained(self) -> bool:
+        """Whether this sidecar alone tells if the image is current."""
+        return None not in (self.image_mtime_ns, self.image_ino, self.fingerprint)
+
+    def describes(self, st: os.stat_result) -> bool:
+        """Whether ``st`` is the image file this sidecar was written for."""
+        return (st.st_size, st.st_mtime_ns, st.st_ino) == (self.size, self.image_mtime_ns,
+                                                           self.image_ino)
 
 
 class Image:
@@ -75,18 +98,34 @@ class Image:
     def read_meta(self) -> ImageMeta | None:
         """The sidecar if it is one conda-stage wrote (types checked), else None."""
         from .nodestore import valid_id
+        from .tarball import MalformedSidecar, _quick
 
         try:
             data = json.loads(read_bounded(self.meta_path, _META_LIMIT, what="image sidecar"))
             meta = ImageMeta(**_known_fields(data))
-        except (OSError, ValueError, TypeError, StageError):
+            meta.quick = _quick(meta.quick)
+        except (OSError, ValueError, TypeError, StageError, MalformedSidecar, RecursionError):
             return None
         ints = (meta.tarball_size, meta.tarball_mtime_ns, meta.size)
+        optional = (meta.image_mtime_ns, meta.image_ino)
         if (not valid_id(meta.image_id) or not isinstance(meta.mount_prefix, str)
                 or not meta.mount_prefix.isprintable() or not meta.mount_prefix.startswith("/")
-                or not all(isinstance(i, int) and not isinstance(i, bool) for i in ints)):
+                or not all(_is_int(i) for i in ints)
+                or not all(i is None or _is_int(i) for i in optional)
+                or not (meta.fingerprint is None or _FINGERPRINT.fullmatch(
+                    str(meta.fingerprint)) and isinstance(meta.fingerprint, str))):
             return None
         return meta
+
+    def fresh(self, meta: ImageMeta, mount_prefix: str) -> bool:
+        """Whether the image ``meta`` describes holds the environment as it
+        is now, for ``mount_prefix`` -- from its sidecar alone (False: ask
+        the tarball).  A few stats of the environment (the quick check);
+        its listings only when one of those changed."""
+        from . import fingerprint as fp
+
+        return (meta.self_contained() and meta.mount_prefix == mount_prefix
+                and fp.is_fresh(self.env.prefix, meta.fingerprint, meta.quick))
 
     def usable(self, tarball_st: os.stat_result, mount_prefix: str,
                meta: "ImageMeta | None | bool" = False) -> str | None:
@@ -110,6 +149,13 @@ class Image:
         if st.st_size != meta.size:
             return "the image file is not the one its sidecar describes"
         return None
+
+
+_FINGERPRINT = re.compile(r"[0-9a-f]{32}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _known_fields(data) -> dict:
@@ -168,7 +214,9 @@ def build(env: Env, *, staging_dir: str, lock_timeout: float | None = None) -> I
             if side.meta is None:
                 raise StageError(f"No usable tarball for {env.prefix}: {side.problem}")
             old = image.read_meta()
-            if old is not None and image.usable(st, old.mount_prefix) is None and \
+            if old is not None and old.self_contained() and \
+                    old.fingerprint == side.meta.fingerprint and \
+                    image.usable(st, old.mount_prefix) is None and \
                     old.mount_prefix == mount_prefix_for(staging_dir, os.getuid(),
                                                          old.image_id, env.name):
                 output.info(f"Image {image.path} is up to date")
@@ -186,7 +234,7 @@ def build(env: Env, *, staging_dir: str, lock_timeout: float | None = None) -> I
                             relocate_to=prefix)
                 tmp_image = image.path.with_name(f".{image.path.name}.{os.getpid()}.tmp")
                 _mksquashfs(tree, tmp_image)
-                size = os.stat(tmp_image).st_size
+                built = os.stat(tmp_image)  # a rename keeps size, mtime and inode
                 os.replace(tmp_image, image.path)
             finally:
                 from .store import remove_tree
@@ -195,11 +243,13 @@ def build(env: Env, *, staging_dir: str, lock_timeout: float | None = None) -> I
                 if "tmp_image" in locals() and tmp_image.exists():
                     tmp_image.unlink()
             meta = ImageMeta(image_id=image_id, mount_prefix=prefix, tarball_size=st.st_size,
-                             tarball_mtime_ns=st.st_mtime_ns, size=size,
+                             tarball_mtime_ns=st.st_mtime_ns, size=built.st_size,
                              created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                             build_seconds=round(time.monotonic() - t0, 3))
+                             build_seconds=round(time.monotonic() - t0, 3),
+                             image_mtime_ns=built.st_mtime_ns, image_ino=built.st_ino,
+                             fingerprint=side.meta.fingerprint, quick=side.meta.quick)
             atomic_write(image.meta_path, json.dumps(asdict(meta), indent=1).encode())
-    output.info(f"Created image {image.path} ({size} bytes) in "
+    output.info(f"Created image {image.path} ({meta.size} bytes) in "
                 f"{output.seconds(meta.build_seconds)}")
     return meta
 

@@ -127,15 +127,24 @@ def stage(env: Env, *, path: Path | None = None, base: Path | None = None,
     """
     from .nodestore import copy_id
 
-    opened = open_fresh(env, repack=repack, lock_timeout=lock_timeout, deadline=deadline)
+    for_shell = path is None and mode == "interactive" and owner_pid and not writable
+    said = None  # why a fresh image was not mounted (said already)
+    if for_shell and _has_image(env):
+        from .shellimage import mount_fresh_for_shell
+
+        said = mount_fresh_for_shell(env, owner_pid, deadline)
+        if isinstance(said, Path):
+            return said
+    opened = open_fresh(env, repack=repack, lock_timeout=lock_timeout, deadline=deadline,
+                        announce=said is None)
     with opened.fh:
         tid = copy_id(os.getuid(), name or env.name, str(env.prefix),
                       os.fstat(opened.fh.fileno()))
-        if path is None and mode == "interactive" and owner_pid and not writable:
+        if for_shell:
             shared = _join_shared(env, Path(base) if base else staging_base(), tid, owner_pid)
             if shared is not None:
                 return shared
-            if _has_image(env):
+            if said is None and _has_image(env):
                 from .shellimage import mount_for_shell
 
                 mounted = mount_for_shell(env, os.fstat(opened.fh.fileno()), owner_pid,
@@ -179,13 +188,15 @@ def _join_shared(env: Env, base: Path, tarball_id: str, owner_pid: int) -> Path 
 
 
 def open_fresh(env: Env, *, repack: bool, lock_timeout: float | None = None,
-               deadline: float | None = None) -> Opened:
+               deadline: float | None = None, announce: bool = True) -> Opened:
     """The environment's tarball, opened, with a fresh sidecar: rebuilt
     first if it is missing or stale and ``repack``, else a StageError that
-    says why and what to run."""
+    says why and what to run.  (``announce``: say what is staged; False
+    when an image's attempt said it already.)"""
     if (env.prefix / MARKER).exists():
         raise StageError(f"{env.prefix} is itself a staged copy; stage the original environment")
-    output.info(f"Staging current Conda environment ({env.prefix}) to local disk ...")
+    if announce:
+        _announce(env)
     waiting = f"Waiting for another process packing {env.prefix} ..." if repack else None
     for attempt in range(3):
         _time_left(deadline, "before its tarball could be read")
@@ -227,15 +238,22 @@ def stage_shared(env: Env, folder: Path, name: str, *, job_id: str | None = None
     this very tarball is there (an extracted copy or a mounted image), else
     -- ``mode`` "image" or "auto" -- its image mounted at
     ``folder/<image id>/<name>``, or extracted to ``folder/<id>/<name>``.
-    A prolog never repacks."""
+    An image whose sidecar says it is current is mounted without reading
+    the tarball (:func:`mount_fresh_image`).  A prolog never repacks."""
     from .nodestore import copy_id
 
-    opened = open_fresh(env, repack=False, lock_timeout=lock_timeout, deadline=deadline)
+    note = None
+    if mode in ("image", "auto"):
+        mounted = mount_fresh_image(env, Path(folder), name, copy_image, deadline)
+        if isinstance(mounted, Shared):
+            return mounted
+        note = mounted
+    opened = open_fresh(env, repack=False, lock_timeout=lock_timeout, deadline=deadline,
+                        announce=note is None)
     with opened.fh:
         meta = opened.sidecar.meta
         st = os.fstat(opened.fh.fileno())
-        note = None
-        if mode in ("image", "auto"):
+        if mode in ("image", "auto") and note is None:
             mounted = _mount_image(env, Path(folder), name, st, mode, copy_image, deadline)
             if isinstance(mounted, Shared):
                 return mounted._replace(bytes=meta.unpacked_bytes, files=meta.files)
@@ -251,6 +269,58 @@ def stage_shared(env: Env, folder: Path, name: str, *, job_id: str | None = None
                     writable=False, owner_pid=None, mode="job", job_id=job_id,
                     deadline=deadline)
         return Shared(target, cid, False, meta.unpacked_bytes, meta.files, note=note)
+
+
+def _announce(env: Env) -> None:
+    output.info(f"Staging current Conda environment ({env.prefix}) to local disk ...")
+
+
+class _ImageReplaced(Exception):
+    """The image file opened is not the one its sidecar describes (a repack
+    replaced it meanwhile)."""
+
+
+def mount_fresh_image(env: Env, folder: Path, name: str, copy_image: bool, deadline,
+                      holder: int | None = None) -> Shared | str | None:
+    """The environment's image mounted in the user's store ``folder`` as
+    :func:`_mount_image` does -- but judged by the image's sidecar alone,
+    without the tarball, its sidecar or the environment's lock: on a shared
+    filesystem, half the requests of staging.  None when the sidecar cannot
+    tell (an image of an earlier build, the environment changed since, an
+    image replaced while it was opened): the tarball's locked path decides,
+    and says why.  A line for the user when mounting failed (then extract)."""
+    from . import image, shellimage
+
+    img = image.Image(env)
+    meta = img.read_meta()
+    if meta is None:
+        return None
+    target = folder / meta.image_id / name
+    if not img.fresh(meta, str(target)):
+        return None
+    why = image.fuse_problem()
+    if why is not None:
+        line = f"not mounting its image ({why}); extracting it instead"
+        output.warn(line)
+        return line
+    _announce(env)
+    try:
+        with shellimage.folder_locked(target.parent):
+            mounted = _mount_locked(env, img, target, meta.image_id, copy_image, deadline,
+                                    expect=meta)
+            if isinstance(mounted, Shared):
+                if holder is None:
+                    shellimage.claim_for_job(target.parent)
+                else:
+                    add_holder(target, holder)
+            return mounted
+    except _ImageReplaced:
+        return None
+    except OSError as exc:
+        line = f"not mounting its image ({printable(exc.strerror or str(exc))}); extracting " \
+               f"it instead"
+        output.warn(line)
+        return line
 
 
 def _mount_image(env: Env, folder: Path, name: str, tarball_st, mode: str, copy_image: bool,
@@ -289,7 +359,10 @@ def _mount_image(env: Env, folder: Path, name: str, tarball_st, mode: str, copy_
 
 
 def _mount_locked(env: Env, img, target: Path, cid: str, copy_image: bool,
-                  deadline) -> Shared | str:
+                  deadline, expect=None) -> Shared | str:
+    """(under the image folder's lock) Reuse or make the mount at
+    ``target``.  ``expect``: the sidecar the image file must match
+    (:class:`_ImageReplaced` if it does not)."""
     from . import image
 
     if os.path.ismount(target) and read_marker(target) is not None:
@@ -297,7 +370,10 @@ def _mount_locked(env: Env, img, target: Path, cid: str, copy_image: bool,
         return Shared(target, cid, True, 0, 0, True)
     try:
         with open_regular(img.path, what="image") as fh:  # opened once: checked, then copied
-            _check_planted(env, img, os.fstat(fh.fileno()), kind="image")
+            st = os.fstat(fh.fileno())
+            if expect is not None and not expect.describes(st):
+                raise _ImageReplaced()
+            _check_planted(env, img, st, kind="image")
             output.info(f"Mounting {output.describe_file(img.path)} at {target}")
             took = image.mount(img.path, target, deadline=deadline, opened=fh,
                                copy_into=target.parent / (f".image{image.SUFFIX}")

@@ -107,6 +107,44 @@ def test_an_array_job_shares_one_mount(job, cluster, env, conda_user):
     assert len(mounts()) == 1  # kept for the next job, held by none: gc unmounts it
 
 
+def test_the_image_needs_neither_the_tarball_nor_its_lock_but_must_be_current(
+        job, cluster, env, conda_user, conda_site, stage_bin):
+    """While a repack holds the environment's lock, a job mounts the image
+    its sidecar says is current (the tarball's path would wait for the
+    lock); once the environment changes, it is not mounted, and the job is
+    told why."""
+    lock = env.prefix.parent / f".{env.name}.conda-stage.lock"
+    holder = subprocess.Popen(["runuser", "-u", conda_user.name, "--", "flock", "-x",
+                               str(lock), "sleep", "300"])
+    try:
+        time.sleep(1)  # flock has the lock
+        assert holder.poll() is None
+        t0 = time.monotonic()
+        jid = job(PROBE.format(name=env.name), f"--comment=conda_env={env.name}")
+        assert cluster.wait(jid)["JobState"] == "COMPLETED"
+        assert time.monotonic() - t0 < 60  # no wait for the lock
+        out = cluster.output(jid)
+        assert values(out)["sys_prefix"] == image_meta(env)["mount_prefix"], out
+        assert values(out)["mounted"] == "yes", out
+    finally:
+        holder.kill()
+        holder.wait()
+    site_packages = next((env.prefix / "lib").glob("python3.*/site-packages"))
+    added = site_packages / "added-1.0.dist-info"  # as if pip installed something
+    subprocess.run(["runuser", "-u", conda_user.name, "--", "mkdir", str(added)], check=True)
+    try:
+        jid = job(PROBE.format(name=env.name), f"--comment=conda_env={env.name}")
+        assert cluster.wait(jid)["JobState"] == "COMPLETED"
+        out = cluster.output(jid)
+        assert "mounted" not in values(out), out
+        # the prolog did not stage it; 'conda activate' in the job did (it repacks)
+        assert values(out)["sys_prefix"] != image_meta(env)["mount_prefix"], out
+        assert "the environment changed since it was packed" in out, out
+    finally:
+        added.rmdir()
+        img.pack_image(conda_site, conda_user, stage_bin, env.name)  # for the next tests
+
+
 @pytest.mark.parametrize("how", ["scancel", "sigkill", "timeout"])
 def test_the_epilog_unmounts_after_the_job_ends_early(how, job, cluster, env):
     args = [f"--comment=conda_env={env.name}"] + (["--time=1"] if how == "timeout" else [])

@@ -61,6 +61,76 @@ def test_fields_a_later_version_adds_are_ignored(image):
     assert img.usable(st, meta["mount_prefix"]) is None
 
 
+def _self_contained(img, meta, prefix):
+    """The sidecar as this conda-stage writes it: the image file's identity
+    and the environment's fingerprint, with its quick check."""
+    from conda_stage import fingerprint as fp
+
+    st = os.stat(img.path)
+    parent_st = os.stat(prefix.parent)
+    time_ref = parent_st.st_mtime_ns + 10**9  # "the tarball's mtime", after every stat
+    full = {**meta, "image_mtime_ns": st.st_mtime_ns, "image_ino": st.st_ino,
+            "fingerprint": fp.fingerprint(prefix),
+            "quick": fp.quick_record(prefix, fp.fingerprint(prefix), time_ref, parent_st.st_dev)}
+    img.meta_path.write_text(json.dumps(full))
+    return full
+
+
+def _env_tree(prefix):
+    (prefix / "conda-meta").mkdir(exist_ok=True)
+    (prefix / "conda-meta" / "python-3.11.json").write_text("{}")
+    (prefix / "conda-meta" / "history").write_text("==> 2026 <==\n")
+    (prefix / "lib" / "python3.11" / "site-packages").mkdir(parents=True, exist_ok=True)
+    past = 1_700_000_000
+    for path in (prefix / "conda-meta" / "history", prefix / "conda-meta",
+                 prefix / "lib" / "python3.11" / "site-packages"):
+        os.utime(path, (past, past))
+
+
+def test_a_sidecar_with_the_fingerprint_alone_says_the_image_is_current(image):
+    img, st, meta = image
+    _env_tree(img.env.prefix)
+    full = _self_contained(img, meta, img.env.prefix)
+    assert full["quick"], "the fixture must give a quick check"
+    read = img.read_meta()
+    assert read.self_contained() and read.describes(os.stat(img.path))
+    assert img.fresh(read, meta["mount_prefix"])
+    assert not img.fresh(read, "/elsewhere/x/jup")
+
+
+def test_a_changed_environment_or_a_replaced_image_is_not_current(image):
+    img, st, meta = image
+    prefix = img.env.prefix
+    _env_tree(prefix)
+    _self_contained(img, meta, prefix)
+    (prefix / "lib" / "python3.11" / "site-packages" / "new-1.0.dist-info").mkdir()
+    assert not img.fresh(img.read_meta(), meta["mount_prefix"])  # pip installed something
+    (prefix / "lib" / "python3.11" / "site-packages" / "new-1.0.dist-info").rmdir()
+    _self_contained(img, meta, prefix)
+    replaced = img.path.with_name("new.sqfs")
+    replaced.write_bytes(b"i" * 50)  # same size, another file
+    os.replace(replaced, img.path)
+    assert not img.read_meta().describes(os.stat(img.path))
+
+
+def test_a_sidecar_of_an_earlier_build_leaves_it_to_the_tarball(image):
+    img, st, meta = image
+    _env_tree(img.env.prefix)
+    read = img.read_meta()  # the fixture's: no identity, no fingerprint
+    assert not read.self_contained() and not img.fresh(read, meta["mount_prefix"])
+
+
+@pytest.mark.parametrize("bad", [{"fingerprint": "g" * 32}, {"fingerprint": 5},
+                                 {"image_ino": "1"}, {"image_mtime_ns": True},
+                                 {"quick": [["../etc", None]]}, {"quick": "x"},
+                                 {"quick": [["conda-meta", [1, 2, 3]]]}])
+def test_new_fields_of_the_wrong_shape_make_the_sidecar_ignored(image, bad):
+    img, st, meta = image
+    img.meta_path.write_text(json.dumps({**meta, "image_ino": 1, "image_mtime_ns": 2,
+                                         "fingerprint": "0" * 32, **bad}))
+    assert img.read_meta() is None
+
+
 def test_mounts_under_lists_fuse_mounts_deepest_first():
     table = (
         b"36 25 0:32 / /var/lib/cs/users/1000/aa/jup ro,nosuid - fuse.squashfuse_ll x ro\n"
