@@ -50,7 +50,7 @@ from . import output
 from .errors import StageError
 from .output import printable
 from .resolve import Env
-from .userfiles import open_regular, read_bounded
+from .userfiles import open_regular, open_regular_fd, read_fd_bounded
 
 SUFFIX = ".sqfs"
 SQUASHFUSE = "squashfuse_ll"
@@ -94,6 +94,7 @@ class Image:
         parent, name = env.prefix.parent, env.prefix.name
         self.path = parent / (name + SUFFIX)
         self.meta_path = parent / (name + SUFFIX + ".json")
+        self.meta_st: os.stat_result | None = None  # the sidecar's, as read_meta read it
 
     def read_meta(self) -> ImageMeta | None:
         """The sidecar if it is one conda-stage wrote (types checked), else None."""
@@ -101,7 +102,16 @@ class Image:
         from .tarball import MalformedSidecar, _quick
 
         try:
-            data = json.loads(read_bounded(self.meta_path, _META_LIMIT, what="image sidecar"))
+            fd = open_regular_fd(self.meta_path, what="image sidecar")
+            try:
+                # its stat before it is read: on a network filesystem a read
+                # makes the next stat a request (the atime changed)
+                self.meta_st = os.fstat(fd)
+                raw = read_fd_bounded(fd, _META_LIMIT, path=self.meta_path,
+                                      what="image sidecar")
+            finally:
+                os.close(fd)
+            data = json.loads(raw)
             meta = ImageMeta(**_known_fields(data))
             meta.quick = _quick(meta.quick)
         except (OSError, ValueError, TypeError, StageError, MalformedSidecar, RecursionError):
@@ -300,27 +310,46 @@ def _mksquashfs(tree: Path, out: Path) -> None:
 
 
 # ------------------------------------------------------------ mount (user)
+def open_image(path: Path, *, to_read: bool) -> int:
+    """A descriptor of the image file ``path`` (a regular file): opened to
+    read it (``to_read``: to copy it), else ``O_PATH`` -- which sends no
+    open to a network filesystem, and which :func:`mount` hands to
+    ``squashfuse_ll``: the file mounted is the file checked."""
+    if to_read:
+        return open_regular_fd(path, what="image")
+    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StageError(f"{printable(str(path))} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def mount(image_file: Path, target: Path, *, copy_into: Path | None = None,
-          deadline: float | None = None, opened=None) -> float:
+          deadline: float | None = None, opened: int | None = None) -> float:
     """(job user) Mount ``image_file`` read-only at ``target`` (made here);
-    with ``copy_into``, copy the image there first -- from ``opened``, the
-    image file already open at its start, if given -- and mount the copy.
-    Returns the seconds it took.  The FUSE process detaches; unmount with
+    ``opened``: a descriptor of it (:func:`open_image`), mounted instead of
+    the path.  With ``copy_into``, copy the image there first (from
+    ``opened``, opened to read, at its start) and mount the copy.  Returns
+    the seconds it took.  The FUSE process detaches; unmount with
     :func:`unmount`."""
     t0 = time.monotonic()
-    source = Path(image_file)
+    source, fds = str(image_file), ()
     if copy_into is not None:
         with contextlib.ExitStack() as stack:
-            src = opened if opened is not None else stack.enter_context(
-                open_regular(source, what="image"))
-            st = os.fstat(src.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise StageError(f"{printable(str(source))} is not a regular file")
+            src = opened
+            if src is None:
+                src = open_regular_fd(image_file, what="image")
+                stack.callback(os.close, src)
             tmp = copy_into.with_name(f".{copy_into.name}.partial")
             with open(tmp, "wb") as dst:
-                _copy(src.fileno(), dst.fileno())
+                _copy(src, dst.fileno())
             os.replace(tmp, copy_into)
-        source = copy_into
+        source = str(copy_into)
+    elif opened is not None:
+        source, fds = f"/proc/self/fd/{opened}", (opened,)
     for dead in mounts_under(target):  # a mount whose FUSE process died
         unmount(dead, listed=True)
     os.makedirs(target, mode=0o755, exist_ok=True)
@@ -329,9 +358,9 @@ def mount(image_file: Path, target: Path, *, copy_into: Path | None = None,
         # -o ro: a read-only superblock; else every read marks the atime
         # stale and the next stat of the file is a round trip to the FUSE
         # process (a quarter of the requests of a Python start)
-        r = subprocess.run([SQUASHFUSE, "-o", "ro", str(source), str(target)],
-                           capture_output=True,
-                           text=True, timeout=left, stdin=subprocess.DEVNULL)
+        r = subprocess.run([SQUASHFUSE, "-o", "ro", source, str(target)], pass_fds=fds,
+                           capture_output=True, text=True, timeout=left,
+                           stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         unmount(target)
         raise StageError("mounting the image took longer than the time allowed") from None

@@ -78,14 +78,15 @@ def open_tarball(env: Env, lock_timeout: float | None = None,
         return Opened(tarball, side, fh)
 
 
-def _check_planted(env: Env, tarball, st: os.stat_result, kind: str = "tarball") -> None:
-    """A tarball (or image, ``kind``) or its sidecar someone else could have
-    put next to a shared environment is not used: each must belong to the
-    environment's owner or to whoever stages it, and must not be writable
-    by everyone."""
+def _check_planted(env: Env, tarball, st: os.stat_result, kind: str = "tarball",
+                   side: os.stat_result | None = None) -> None:
+    """A tarball (or image, ``kind``) or its sidecar (``side``: its stat, if
+    known) someone else could have put next to a shared environment is not
+    used: each must belong to the environment's owner or to whoever stages
+    it, and must not be writable by everyone."""
     try:
         owners = {os.stat(env.prefix).st_uid, os.getuid()}
-        side = os.stat(tarball.meta_path)
+        side = side or os.stat(tarball.meta_path)
     except OSError:
         return  # gone meanwhile: the sidecar check reports it
     for what, info in ((kind, st), (f"{kind}'s sidecar", side)):
@@ -369,15 +370,19 @@ def _mount_locked(env: Env, img, target: Path, cid: str, copy_image: bool,
         output.info(f"Using the image mounted on this node: {target}")
         return Shared(target, cid, True, 0, 0, True)
     try:
-        with open_regular(img.path, what="image") as fh:  # opened once: checked, then copied
-            st = os.fstat(fh.fileno())
+        # opened once: checked, then copied or mounted
+        fd = image.open_image(img.path, to_read=copy_image)
+        try:
+            st = os.fstat(fd)
             if expect is not None and not expect.describes(st):
                 raise _ImageReplaced()
-            _check_planted(env, img, st, kind="image")
+            _check_planted(env, img, st, kind="image", side=img.meta_st)
             output.info(f"Mounting {output.describe_file(img.path)} at {target}")
-            took = image.mount(img.path, target, deadline=deadline, opened=fh,
+            took = image.mount(img.path, target, deadline=deadline, opened=fd,
                                copy_into=target.parent / (f".image{image.SUFFIX}")
                                if copy_image else None)
+        finally:
+            os.close(fd)
         if read_marker(target) is None:
             raise StageError(f"the image {img.path} is not a conda-stage image of {env.prefix}")
     except (StageError, OSError) as exc:  # a broken or planted image: the tarball may do

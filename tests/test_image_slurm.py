@@ -107,6 +107,30 @@ def test_an_array_job_shares_one_mount(job, cluster, env, conda_user):
     assert len(mounts()) == 1  # kept for the next job, held by none: gc unmounts it
 
 
+def test_mounted_in_place_squashfuse_serves_the_file_the_prolog_checked(job, cluster, env,
+                                                                         conda_user):
+    """image_copy=no: the image is mounted where it is, from the descriptor
+    the staging child opened and checked (no second lookup of its path),
+    and nothing is copied to the node."""
+    cluster.defaults.update(image_copy="no", keep_unused=300)
+    try:
+        jid = job(PROBE.format(name=env.name), f"--comment=conda_env={env.name}")
+        assert cluster.wait(jid)["JobState"] == "COMPLETED"
+        out = cluster.output(jid)
+        expected = image_meta(env)["mount_prefix"]
+        assert values(out)["sys_prefix"] == expected and values(out)["mounted"] == "yes", out
+        assert not (Path(expected).parent / ".image.sqfs").exists()  # not copied
+        served = img.fuse_processes(conda_user.uid, serving=Path(expected))
+        assert len(served) == 1
+        cmd = served[0].cmdline()
+        assert re.fullmatch(r"/proc/self/fd/\d+", cmd[-2]), cmd
+        files = {os.path.realpath(f"/proc/{served[0].pid}/fd/{fd}")
+                 for fd in os.listdir(f"/proc/{served[0].pid}/fd")}
+        assert str(img.image_file(env)) in files, files
+    finally:
+        cluster.defaults.update(image_copy="yes")
+
+
 def test_the_image_needs_neither_the_tarball_nor_its_lock_but_must_be_current(
         job, cluster, env, conda_user, conda_site, stage_bin):
     """While a repack holds the environment's lock, a job mounts the image
