@@ -241,7 +241,7 @@ class Bench:
         d = lay.work / "strace"
         self.wipe(d)
         self.sh(f"mkdir -p {d}")
-        st = f"strace -f -y -qq -e trace=%file,%desc"
+        st = "strace -f -y -qq -e trace=%file,%desc"
         out = {}
         cmd = "jupyter --version"
         sessions = {
@@ -510,7 +510,6 @@ class Bench:
 
     # ------------------------------------------------------------ 6. hooks
     def phase_hooks(self):
-        lay = self.lay
         n = 20 if self.quick else 50
         common = {}  # the hooks read no settings from their environment
         slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_UID": str(self.user.uid),
@@ -519,7 +518,7 @@ class Bench:
                  "SLURMD_NODENAME": "node01", "SLURM_CLUSTER_NAME": "bench",
                  "SLURM_SCRIPT_CONTEXT": "prolog_slurmd", "SLURM_JOB_COMMENT": "", **common}
         sge = {"JOB_ID": "4242", "JOB_NAME": "bench", "SGE_TASK_ID": "undefined",
-               "USER": self.user.name, "TMPDIR": f"/tmp/4242.1.all.q", "TMP": "/tmp/4242.1.all.q",
+               "USER": self.user.name, "TMPDIR": "/tmp/4242.1.all.q", "TMP": "/tmp/4242.1.all.q",
                "NSLOTS": "1", "QUEUE": "all.q", "ENVIRONMENT": "BATCH", **common}
 
         def loop(argv, env, runs):

@@ -19,7 +19,7 @@ from typing import Mapping
 
 from .config import Config
 from .errors import StageError
-from .jobdir import JobDir, valid_key
+from .jobdir import JobDir
 from .privileges import Account
 from .request import Request, parse_text, parse_value
 

@@ -346,7 +346,7 @@ def test_an_image_that_is_not_the_users_is_never_mounted(what, atk):
     edit_image_meta(one, attacker, size=os.stat(image).st_size)
     atk.begin()
 
-    leak = f'grep -rqs "^root:" "$u" && echo cs_leak=1\n'
+    leak = 'grep -rqs "^root:" "$u" && echo cs_leak=1\n'
     jid, out = atk.run(attacker, probe(atk, one.name, leak), [one.name])
     verify(atk)
     atk.completed(jid)

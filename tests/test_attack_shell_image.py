@@ -355,7 +355,7 @@ def test_a_flood_of_uid_named_entries_costs_the_hooks_nothing(atk):
     prolog and epilog take a few seconds, root makes no lock or record for
     any of those uids in the state folder (watched while the job runs), and
     the attacker's entries are untouched (they squat nobody's folder)."""
-    attacker, victim = atk.people.attacker, atk.people.victim
+    victim = atk.people.victim
     vic = atk.envs["vic"]
     base = 400000
     links = {"0": "/", "1": "/root", str(victim.uid + 100000): "/etc"}

@@ -100,7 +100,7 @@ def test_header_checks():
 def test_candidates_are_pairs_packed_as_they_are():
     files = [File("/c/a.py", "lib/a.py", None), File("/c/a.pyc", f"lib/__pycache__/a.{TAG}.pyc", None),
              File("/c/a1.pyc", f"lib/__pycache__/a.{TAG}.opt-1.pyc", None),
-             File("/c/o.pyc", f"lib/__pycache__/a.cpython-27.pyc", None),  # another Python's
+             File("/c/o.pyc", "lib/__pycache__/a.cpython-27.pyc", None),  # another Python's
              File("/c/n.pyc", f"lib/__pycache__/nosource.{TAG}.pyc", None),
              File("/c/t.py", "t.py", "text"), File("/c/t.pyc", f"__pycache__/t.{TAG}.pyc", None),
              File("/c/s.py", "bin/s.py", "text"),  # conda-pack may rewrite its shebang

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conda_stage.image import Image, fuse_mounts_under, mount_prefix_for, mounts_under
+from conda_stage.image import Image, fuse_mounts_under, mount_prefix_for
 from conda_stage.resolve import Env
 
 

@@ -3,7 +3,6 @@
 copy instead of extracting again, 'conda deactivate' lets go and removes
 the copy only when it was the last holder, and gc removes a copy whose
 every holder was killed."""
-import os
 import re
 
 import pytest

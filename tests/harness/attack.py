@@ -1344,7 +1344,7 @@ chmod u+w "$s" && chmod -R u+w "$s/$n"
 echo cs_swapped=1
 (cd "$CONDA_STAGE_JOB_DIR/tmp/moved" && setsid sleep 300 >/dev/null 2>&1 &)
 """,
-        "id_to_etc": f"""mv "$s" "$u/moved-away" && ln -s /etc "$s" && echo cs_swapped=1
+        "id_to_etc": """mv "$s" "$u/moved-away" && ln -s /etc "$s" && echo cs_swapped=1
 ln -s /etc "$u/moved-away/$n.etc"
 """,
         "copy_to_victims": f"""mv "$s/$n" "$s/.$n.old" && ln -s {vcopy} "$s/$n" && echo cs_swapped=1
