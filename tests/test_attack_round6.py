@@ -317,56 +317,81 @@ def roots_waiting_on_fuse() -> list[str]:
 
 
 # ----------------------------------------------------------------- attack 1
+PIT_BUDGET = 5   # the prolog budget of the tar pit tests (shorter waits)
+PITS = ["own_folder_during_a_job", "uid_named_entry"]
+
+
 @pytest.mark.xfail(strict=True, reason=(
-    "with user_allow_other in /etc/fuse.conf, root's sweep of the attacker's copies "
-    "(sweep_node -> _sweep -> UserStore.unused -> _copy_ids -> _open_dir) opens the "
-    "attacker's FUSE mount over users/<uid>: the FUSE process holds every other user's "
-    "prolog past its budget, for as long as it likes"))
-def test_a_fuse_tar_pit_over_the_attackers_own_store_folder_holds_no_other_prolog(atk):
-    """Default settings (no shell images).  The attacker's job holds a copy
-    of ``one`` (so root has a record and a lock for the attacker).  While it
-    runs, the attacker mounts, with ``-o allow_other``, a FUSE filesystem of
-    its own over its own store folder ``users/<uid>`` (its own 0700 folder:
-    fusermount3 allows it) that never answers a request of root's.  Then the
-    victim submits a job.  The victim's prolog must start the victim's job
-    within the prolog budget (+ the 15 s grace): the attacker's folder is
-    not the victim's business, and root must not wait for a user's FUSE
-    process.  After the test kills the tar pit, everything must finish:
-    node not drained, nothing of the attacker's ran as root or the victim,
-    nothing left."""
+    "with user_allow_other in /etc/fuse.conf, root's hooks make system calls on the "
+    "attacker's FUSE mount (own_folder: sweep_node -> _sweep -> UserStore.unused -> "
+    "_copy_ids -> _open_dir; uid_named_entry: sweep_node -> NodeStore.uids -> os.stat): "
+    "the attacker's FUSE process holds every other user's prolog past its budget, for as "
+    "long as it likes"))
+@pytest.mark.parametrize("where", PITS)
+def test_a_fuse_tar_pit_holds_no_other_users_prolog(where, atk):
+    """The attacker mounts, with ``-o allow_other``, a FUSE filesystem of its
+    own that answers root never:
+
+    * ``own_folder_during_a_job`` (default settings, no shell images): over
+      its own store folder ``users/<uid>`` (its own 0700 folder: fusermount3
+      allows it) while a job of its own holds a copy of ``one`` there (so
+      root has a record and a lock for the attacker);
+    * ``uid_named_entry`` (shell images: ``users/`` 1733): over a folder of
+      its own named like a uid nobody has, ``users/4242420``; no job needed.
+
+    Then the victim submits a job.  The victim's prolog must start the
+    victim's job within its budget (+ the 15 s grace): nothing of the
+    attacker's is the victim's business, and root must not wait for a
+    user's FUSE process.  Once the test kills the tar pit, everything must
+    finish: the victim staged, node not drained, nothing of the attacker's
+    ran as root or the victim, nothing left."""
     attacker, victim = atk.people.attacker, atk.people.victim
     one, vic = atk.envs["one"], atk.envs["vic"]
-    own = USERS / str(attacker.uid)
-    flag = A.Flag("tarpit")
-    atk.cleanups.append(flag.remove)
+    atk.setting(prolog_budget=PIT_BUDGET)
+    holder = None
     atk.begin()
-    holder = atk.submit(attacker, probe(atk, one.name) + 'echo "cs_holding=1"\n'
-                        + flag.wait_line(240), [one.name])
-    atk.started_within_budget(holder)
-    assert A.sleep_until(lambda: "cs_holding=1" in atk.output(holder), 60), atk.describe(holder)
-    assert f"cs_prefix:{one.name}={own}/" in atk.output(holder), atk.output(holder)
-    assert os.path.lexists(STATE / A.USERS / f"{attacker.uid}.lock")
+    if where == "own_folder_during_a_job":
+        pit_at = USERS / str(attacker.uid)
+        flag = A.Flag("tarpit")
+        atk.cleanups.append(flag.remove)
+        holder = atk.submit(attacker, probe(atk, one.name) + 'echo "cs_holding=1"\n'
+                            + flag.wait_line(240), [one.name])
+        atk.started_within_budget(holder)
+        assert A.sleep_until(lambda: "cs_holding=1" in atk.output(holder), 60), \
+            atk.describe(holder)
+        assert f"cs_prefix:{one.name}={pit_at}/" in atk.output(holder), atk.output(holder)
+        assert os.path.lexists(STATE / A.USERS / f"{attacker.uid}.lock")
+    else:
+        atk.setting(shell_images="yes")
+        img.shell_users_folder(STAGING)
+        atk.users_mode = 0o1733
+        pit_at = USERS / "4242420"
+        atk.cleanups.append(lambda: A.force_remove(pit_at))
+        as_attacker(atk, f'mkdir -m 0700 "{pit_at}"')
     mark = A.size_of(HOOK_LOG)
-    pit = start_tarpit(atk, own)
+    pit = start_tarpit(atk, pit_at)
     t0 = time.time()
     jid = atk.submit(victim, probe(atk, vic.name), [vic.name])
-    limit = A.BUDGET + GRACE + A.SLACK
+    limit = PIT_BUDGET + GRACE + 5
     in_time = A.sleep_until(lambda: job_started(atk, jid), limit, 0.5)
     waited = time.time() - t0
     waiting = roots_waiting_on_fuse()
     # the attacker lets go: its FUSE process dies, root's request fails
     A.kill_pid(pit.pid)
     pit.wait(timeout=30)
-    subprocess.run(["umount", "-l", str(own)], capture_output=True, timeout=30)
+    subprocess.run(["umount", "-l", str(pit_at)], capture_output=True, timeout=30)
     out = atk.finish(jid, timeout=240)
     atk.completed(jid)
-    flag.set()
-    atk.finish(holder)
-    atk.completed(holder)
+    if holder is not None:
+        flag.set()
+        atk.finish(holder)
+        atk.completed(holder)
+    else:
+        A.force_remove(pit_at)
     took = hook_seconds(jid, mark)
-    assert in_time and took is not None and took <= A.BUDGET + GRACE, (
+    assert in_time and took is not None and took <= PIT_BUDGET + GRACE, (
         f"the victim's job had {'not ' if not in_time else ''}started {waited:.0f} s after "
-        f"submission; its prolog took {took} s (budget {A.BUDGET} s + {GRACE} s): root "
+        f"submission; its prolog took {took} s (budget {PIT_BUDGET} s + {GRACE} s): root "
         f"waited for the attacker's FUSE process until the attacker let go (root's processes "
         f"in a FUSE request meanwhile: {waiting})\n{out[:1500]}")
     assert atk.staged_copy(out, vic.name) == image_meta(vic)["mount_prefix"], out
@@ -505,4 +530,66 @@ for p in {[str(p) for p in points + decoys]!r}:   # the inner one first
     _unmount_and_stop((attacker.uid,), atk.since)
     for d in decoys:
         A.force_remove(d)
+    verify(atk)
+
+
+# ----------------------------------------------------------------- attack 4
+def _attackers_fuse_processes(atk) -> list:
+    """The attacker's live squashfuse_ll processes started since the test began."""
+    out = []
+    for p in img.fuse_processes(atk.people.attacker.uid, since=atk.since):
+        with contextlib.suppress(psutil.Error):
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append((p.pid, p.info["cmdline"]))
+    return out
+
+
+OUT_OF_REACH = {
+    "job_folder": '"$CONDA_STAGE_JOB_DIR/tmp"',
+    "store_folder": '"$(dirname "$(dirname "$CONDA_PREFIX")")"',   # users/<uid>
+}
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "root never detaches the job user's own mounts in the job folder (JobDir.remove) or in "
+    "the user's store folder (UserStore.tidy): it relies on the user's epilog/sweep child "
+    "(fusermount3 -u), which cannot reach a mount under a folder the user made unreadable; "
+    "root's _remove_at then stops at the mount (EACCES), the epilog and every "
+    "'gc --jobs' leave the folder (gc exits 1), and the FUSE process outlives the job"))
+@pytest.mark.parametrize("where", list(OUT_OF_REACH))
+def test_a_fuse_mount_out_of_the_users_reach_is_not_left_forever(where, atk):
+    """Default settings.  The attacker's job mounts its own image
+    (squashfuse_ll, no allow_other) at ``cs-locked/m`` in its job folder's
+    ``tmp/`` or in its own store folder ``users/<uid>``, and then takes
+    every permission off ``cs-locked``: the job user's own unmount in the
+    epilog (fusermount3 -u) cannot reach it, and root may not enter the
+    mount.  After the job and root's 'gc --jobs', nothing of it may be
+    left: no job or store folder, no mount, no FUSE process of the
+    attacker's (SECURITY.md, guarantee 5); gc succeeds; the node is not
+    drained."""
+    from tests.test_attack_slurm import gc_jobs
+
+    attacker, one = atk.people.attacker, atk.envs["one"]
+    image = img.image_file(one)
+    atk.begin()
+    body = probe(atk, one.name) + (
+        f'd={OUT_OF_REACH[where]}; m="$d/cs-locked/m"\n'
+        f'mkdir -p "$m" && /usr/bin/squashfuse_ll "{image}" "$m" && '
+        'chmod 0 "$d/cs-locked" && echo "cs_planted=$m"\n')
+    jid, out = atk.run(attacker, body, [one.name])
+    atk.completed(jid)
+    planted = A.job_values(out).get("cs_planted", "")
+    assert planted.endswith("/cs-locked/m") and planted.startswith(str(STAGING)), out
+    r = gc_jobs(atk.cluster)
+    atk.healthy()
+    if not fuse_mounts(attacker.uid):   # unmounted: its FUSE process exits
+        A.sleep_until(lambda: not _attackers_fuse_processes(atk), 10)
+    left = {"gc --jobs exit status": r.returncode,
+            "folder": os.path.lexists(Path(planted).parent.parent),
+            "mounts": fuse_mounts(attacker.uid),
+            "FUSE processes": _attackers_fuse_processes(atk)}
+    errors = [line for line in A.hook_log_lines(HOOK_LOG) if f"job {jid} " in line
+              and ("could not" in line or "failed" in line)]
+    assert not any(left.values()), (f"left after the job and gc --jobs: {left}; "
+                                    f"the hooks said: {errors}; gc said: {r.stderr.strip()}")
     verify(atk)
