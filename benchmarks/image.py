@@ -12,7 +12,11 @@ prefix-probe, ~2,900 files) -- both on local disk, alternating:
 * **tear down**: the epilog's work (``jobstage.epilog``; copies are kept 0 s);
 * **jupyter --version** (jupyter environment): from the mount, from the
   extracted copy, and from the native install the benchmark built on local
-  disk -- the reference;
+  disk -- the reference; and two references that tell where the mount's
+  overhead goes: the mount with its ``squashfuse_ll`` and the command on
+  one CPU (a FUSE round trip then needs no wake-up of another CPU), and the
+  same image mounted by the kernel's squashfs driver (root, a loop device:
+  not something conda-stage does, the floor of running from an image);
 * **local disk**: what each mode puts on the node (du of the store, not
   entering the mount).
 
@@ -83,17 +87,72 @@ def _disable(env: Path) -> None:
     autostage.disable(resolve(str(env)))
 
 
-def _version(account: Account, python_prefix: str) -> float:
+def _version(account: Account, python_prefix: str, cpu: int | None = None,
+             expect: str | None = None) -> float:
+    """Seconds of ``jupyter --version`` from ``python_prefix`` as the user
+    (``cpu``: on that CPU alone); its output must be ``expect`` if given."""
     def run(prefix):
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
         t0 = time.perf_counter()
         # as after 'conda activate': the entry points' shebang is '/usr/bin/env python'
         env = {**os.environ, "PATH": f"{prefix}/bin:/usr/bin:/bin", "CONDA_PREFIX": prefix}
         r = subprocess.run([f"{prefix}/bin/jupyter", "--version"], capture_output=True, env=env)
+        took = time.perf_counter() - t0
         if r.returncode != 0:
             raise RuntimeError(r.stderr.decode())
-        return time.perf_counter() - t0
+        return [took, r.stdout.decode()]
 
-    return run_as(account, run, python_prefix)
+    took, out = run_as(account, run, python_prefix)
+    if expect is not None and out != expect:
+        raise RuntimeError(f"jupyter --version from {python_prefix} printed {out!r}, "
+                           f"not {expect!r}")
+    return took
+
+
+def _native_output(account: Account, native: Path) -> str:
+    def run(prefix):
+        env = {**os.environ, "PATH": f"{prefix}/bin:/usr/bin:/bin", "CONDA_PREFIX": prefix}
+        return subprocess.run([f"{prefix}/bin/jupyter", "--version"], capture_output=True,
+                              env=env, check=True).stdout.decode()
+
+    return run_as(account, run, str(native))
+
+
+def _pinned_version(account: Account, mount: str, expect: str) -> float:
+    """Reference: ``jupyter --version`` from the image's mount with its
+    ``squashfuse_ll`` and the command on one CPU -- what the FUSE round
+    trips cost when the daemon is woken where the request was made."""
+    import psutil
+
+    daemons = [p for p in psutil.process_iter(["name", "cmdline"])
+               if p.info["name"] == "squashfuse_ll" and mount in (p.info["cmdline"] or [])]
+    assert len(daemons) == 1, f"no single squashfuse_ll serves {mount}: {daemons}"
+    before = daemons[0].cpu_affinity()
+    daemons[0].cpu_affinity([0])
+    try:
+        _version(account, mount, cpu=0, expect=expect)  # warm
+        return _version(account, mount, cpu=0, expect=expect)
+    finally:
+        daemons[0].cpu_affinity(before)
+
+
+def _kernel_version(account: Account, image_file: Path, base: Path, expect: str) -> float:
+    """Reference, not a mode conda-stage offers: ``jupyter --version`` from
+    the same image mounted by the kernel's squashfs driver (root, a loop
+    device) -- the floor of running from one compressed image.  conda-stage
+    does not do this: the kernel would parse a user's image for root."""
+    point = base / "kernel-reference"
+    point.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "squashfs", "-o", "ro,loop,nosuid,nodev", str(image_file),
+                    str(point)], check=True, capture_output=True)
+    try:  # the image's root is the environment's prefix
+        assert (point / "conda-meta").is_dir(), f"{image_file} holds no environment"
+        _version(account, str(point), expect=expect)  # warm
+        return _version(account, str(point), expect=expect)
+    finally:
+        subprocess.run(["umount", str(point)], check=True, capture_output=True)
+        point.rmdir()
 
 
 # image: copied to local disk, then mounted (the default); in place: mounted
@@ -106,6 +165,9 @@ def measure(env: Path, account: Account, base: Path, reps: int, jupyter: bool,
     samples = {f"{what}_{mode}": [] for what in ("stage", "teardown", "version", "disk")
                for mode in MODES}
     samples["version_native"] = []
+    samples["version_pinned"] = []
+    samples["version_kernel"] = []
+    expect = _native_output(account, native) if jupyter else None
     job_id = 800000
     for _ in range(reps):
         for mode in MODES:
@@ -123,9 +185,15 @@ def measure(env: Path, account: Account, base: Path, reps: int, jupyter: bool,
                 (item, _Log.lines[-5:])
             samples[f"disk_{mode}"].append(_du(Path(config.staging_dir) / "users"))
             if jupyter:
-                _version(account, item["path"])  # warm the page cache once
-                samples[f"version_{mode}"].append(_version(account, item["path"]))
+                _version(account, item["path"], expect=expect)  # warm the page cache once
+                samples[f"version_{mode}"].append(_version(account, item["path"],
+                                                           expect=expect))
                 samples["version_native"].append(_version(account, str(native)))
+                if mode == "image":
+                    samples["version_pinned"].append(_pinned_version(account, item["path"],
+                                                                     expect))
+                    samples["version_kernel"].append(_kernel_version(
+                        account, env.parent / (env.name + image.SUFFIX), base, expect))
             t0 = time.perf_counter()
             jobstage.epilog(job, config, _Log())
             samples[f"teardown_{mode}"].append(time.perf_counter() - t0)
@@ -163,6 +231,10 @@ def table(results: dict) -> dict:
                   f"({vi / vn:.2f}x native) | {vp:.3f} s ({vp / vn:.2f}x) | {ve:.3f} s "
                   f"({ve / vn:.2f}x) | | <= 1.10x native: "
                   f"{'✅' if vi <= 1.10 * vn else '❌'} |")
+            vk, vs = m["version_kernel"], m["version_pinned"]
+            print(f"| {name} | jupyter --version, references | squashfuse_ll and the command "
+                  f"on one CPU: {vs:.3f} s ({vs / vn:.2f}x) | | | kernel squashfs (root, "
+                  f"loop; not offered): {vk:.3f} s ({vk / vn:.2f}x) | |")
         print(f"| {name} | build image (once, by the user) | {m['build']:.1f} s | | | | |")
     return med
 
