@@ -299,12 +299,12 @@ def mount_fresh_image(env: Env, folder: Path, name: str, copy_image: bool, deadl
     target = folder / meta.image_id / name
     if not img.fresh(meta, str(target)):
         return None
+    _announce(env)
     why = image.fuse_problem()
     if why is not None:
         line = f"not mounting its image ({why}); extracting it instead"
         output.warn(line)
         return line
-    _announce(env)
     try:
         with shellimage.folder_locked(target.parent):
             mounted = _mount_locked(env, img, target, meta.image_id, copy_image, deadline,
