@@ -398,6 +398,57 @@ def test_a_fuse_tar_pit_holds_no_other_users_prolog(where, atk):
     verify(atk)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "with user_allow_other in /etc/fuse.conf, root's removal of the job folder "
+    "(JobDir.remove -> _remove_at -> _empty_until_subfolder -> os.open) opens the "
+    "attacker's FUSE mount the job user's unmount could not reach: the epilog waits for "
+    "the attacker's FUSE process, the job stays COMPLETING on the node"))
+def test_a_fuse_tar_pit_in_the_attackers_job_folder_holds_no_epilog(atk):
+    """Default settings, epilog budget 5 s.  The attacker's job makes
+    ``<job folder>/tmp/cs-locked/m``; the attacker mounts there, with
+    ``-o allow_other``, its tar pit (from outside the job: a login on the
+    node, so that the job's end does not kill it), then the job takes every
+    permission off ``cs-locked`` (the epilog's unmount as the job user
+    cannot reach the mount) and ends.  The epilog must return within its
+    budget (+ a little): the job leaves the queue, the node is not drained;
+    nothing of it is left once the tar pit is gone."""
+    attacker, one = atk.people.attacker, atk.envs["one"]
+    budget = 5
+    atk.setting(epilog_budget=budget)
+    flag = A.Flag("pit-job")
+    atk.cleanups.append(flag.remove)
+    atk.begin()
+    body = probe(atk, one.name) + (
+        'd="$CONDA_STAGE_JOB_DIR/tmp/cs-locked"; mkdir -p "$d/m" && echo "cs_pit=$d/m"\n'
+        + flag.wait_line(120) + 'chmod 0 "$d"; echo cs_end=$(date +%s.%N)\n')
+    jid = atk.submit(attacker, body, [one.name])
+    atk.started_within_budget(jid)
+    assert A.sleep_until(lambda: "cs_pit=" in atk.output(jid), 60), atk.describe(jid)
+    point = Path(A.job_values(atk.output(jid))["cs_pit"])
+    assert point.parent.parent.parent == STAGING / A.job_values(atk.output(jid))["cs_key"]
+    pit = start_tarpit(atk, point)
+    flag.set()
+    assert A.sleep_until(lambda: "cs_end=" in atk.output(jid), 60), atk.describe(jid)
+    end = float(A.job_values(atk.output(jid))["cs_end"])
+    left_in_time = A.sleep_until(lambda: not atk.cluster.in_queue(jid), budget + GRACE, 0.5)
+    waited = time.time() - end
+    waiting = roots_waiting_on_fuse()
+    state = atk.cluster.node_state()
+    A.kill_pid(pit.pid)   # the attacker lets go
+    pit.wait(timeout=30)
+    subprocess.run(["umount", "-l", str(point)], capture_output=True, timeout=30)
+    atk.finish(jid, timeout=120)
+    atk.completed(jid)
+    assert left_in_time, (
+        f"the attacker's job was still in the queue {waited:.0f} s after its script ended "
+        f"(epilog budget {budget} s; node {state}): root's epilog waited for the attacker's "
+        f"FUSE process (root's processes in a FUSE request: {waiting})")
+    from tests.test_attack_slurm import gc_jobs
+    r = gc_jobs(atk.cluster)
+    assert r.returncode == 0, r.stdout + r.stderr
+    verify(atk)
+
+
 # ----------------------------------------------------------------- attack 2
 def _copy_id_as_attacker(atk, env) -> str:
     """The id the victim's next job gives its copy of ``env``
