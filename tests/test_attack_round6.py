@@ -1,50 +1,57 @@
 """Attack round 6: the node store's newest code under an ordinary user's
 attack, on the real Slurm 22.05 with real squashfuse and FUSE.
 
-The node store's safety where users mount FUSE filesystems rests on one
+Where users mount FUSE filesystems, the node store's safety rests on one
 kernel rule: a FUSE mount answers only the user who mounted it, so root's
 ``lstat``/``open``/``readdir`` of another user's mount fail at once with
 EACCES and never reach the user's FUSE process (SECURITY.md: "root does not
-enter it", "root cannot even look into").  That rule has an exception an
-admin sets: with ``user_allow_other`` in ``/etc/fuse.conf`` (a common
-setting on clusters, for sshfs and friends) any user may mount with ``-o
-allow_other``, and then root's system calls on the mount *are* requests to
-the user's FUSE process, which answers what it likes, or never.
+enter it").  The rule has an exception an admin sets: with
+``user_allow_other`` in ``/etc/fuse.conf`` (common on clusters, for sshfs
+and friends) any user may mount with ``-o allow_other``, and then root's
+system calls on the mount *are* requests to the user's FUSE process, which
+answers what it likes, or never.
 
 Attacks (``csmallory`` against ``csvictim`` and the node):
 
-* the attacker's FUSE filesystem with ``allow_other`` that never answers
-  root, mounted over the attacker's own store folder ``users/<uid>`` while
-  a job of its own runs (default settings: no shell images) -- the next
-  prolog of any other user sweeps the attacker's copies first
-  (``sweep_node`` -> ``_sweep`` -> ``UserStore._copy_ids``), opens that
-  folder and waits for the attacker;
-* with shell images (``users/`` 1733), the victim's ``users/<victim uid>``
-  squatted by a squashfuse mount with ``allow_other`` of an image whose
-  root folder says "owner: the victim, mode 0700" (``mksquashfs
-  -force-uid``), holding a "copy" at the id the victim's next job computes
-  (``copy_id`` from the victim's world-readable tarball), with a marker and
-  an ``activate.d`` script -- ``prepare_user`` believes the lie and keeps
-  the folder, the victim's staging child reuses the planted copy, and the
-  victim's ``conda activate`` runs the attacker's script;
+* a tar pit -- the attacker's FUSE filesystem with ``allow_other`` that
+  never answers root -- over the attacker's own store folder while a job of
+  its own runs (default settings), or over a uid-named folder of its own in
+  ``users/`` (shell images): every other user's prolog waits for it
+  (``sweep_node``);
+* the tar pit under a folder of the attacker's job folder that the epilog's
+  unmount as the job user cannot reach: root's epilog waits for it, the job
+  stays COMPLETING;
+* with shell images, the victim's ``users/<victim uid>`` squatted by a
+  squashfuse mount with ``allow_other`` of an image whose root says "the
+  victim's, 0700" (``mksquashfs -force-uid``), holding a "copy" at the id
+  the victim's job computes (``copy_id`` from the victim's world-readable
+  tarball): ``prepare_user`` keeps it, the victim's job activates the
+  planted copy and runs the attacker's ``activate.d`` script; the victim's
+  interactive shell takes the mount for its own folder too;
+* without ``allow_other`` (default settings): a mount of the attacker's own
+  under a folder it then makes unreadable, in its job folder or its store
+  folder -- the epilog's unmount as the user cannot reach it, root never
+  detaches it: the folder, the mount and the FUSE process outlive the job
+  and every 'gc --jobs';
 * (held) mount points with names the kernel escapes in
   ``/proc/self/mountinfo`` -- spaces, a tab, a newline, a backslash before
-  digits that look like an escape, `` - fuse`` -- in a squatted
-  ``users/<victim uid>``: root's parser (``image.fuse_mounts_under``) and
-  ``_detach_mounts`` detach exactly the squatter's mounts, and the victim
-  is staged.
+  digits that look like an escape, `` - fuse``, a mount hidden under
+  another -- in a squatted ``users/<victim uid>``: root's parser and
+  ``_detach_mounts`` detach exactly the squatter's mounts.
 
-The first two need ``user_allow_other``: this module sets it in
-``/etc/fuse.conf`` (and restores the file, its mode and times), makes
-``/dev/fuse`` usable by users (restored) and, for the shell-image test,
-``users/`` 1733 (restored to 0755).  Tests that expose a bug not yet fixed
-are marked ``xfail(strict=True)``.
+This module sets ``user_allow_other`` in ``/etc/fuse.conf`` (the file, its
+mode and times restored afterwards), makes ``/dev/fuse`` usable by users
+(restored) and, for the shell-image tests, ``users/`` 1733 (restored to
+0755).  Tests that expose a bug not fixed yet are ``xfail(strict=True)``;
+each passes with a fix (checked against a sketch of one: openat2 with
+RESOLVE_NO_XDEV for root's and the shell's opens and lstats in the store
+and job folders, and root detaching the user's own mounts it meets while
+removing).
 """
 from __future__ import annotations
 
 import codecs
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -420,7 +427,7 @@ def test_a_fuse_tar_pit_in_the_attackers_job_folder_holds_no_epilog(atk):
     atk.begin()
     body = probe(atk, one.name) + (
         'd="$CONDA_STAGE_JOB_DIR/tmp/cs-locked"; mkdir -p "$d/m" && echo "cs_pit=$d/m"\n'
-        + flag.wait_line(120) + 'chmod 0 "$d"; echo cs_end=$(date +%s.%N)\n')
+        + flag.wait_line(120) + 'chmod 0 "$d"; echo "cs_end=$(date +%s.%N)"\n')
     jid = atk.submit(attacker, body, [one.name])
     atk.started_within_budget(jid)
     assert A.sleep_until(lambda: "cs_pit=" in atk.output(jid), 60), atk.describe(jid)
