@@ -53,6 +53,7 @@ def run(site_file: str = SITE_FILE) -> Report:
     _slurm(report)
     _sge(report)
     _fuse(report)
+    _mount_safety(report)
     _shell_images(report, config)
     return report
 
@@ -338,6 +339,35 @@ def _fuse(report: Report) -> None:
         missing = ", ".join(tools + ([] if usable else ["/dev/fuse for users (chmod 666)"]))
         report.warn(f"image mode cannot work on this node: missing {missing}; jobs extract "
                     f"instead (Debian: apt-get install squashfuse fuse3)")
+
+
+def _mount_safety(report: Report, fuse_conf: str = "/etc/fuse.conf") -> None:
+    """Whether the hooks can keep out of users' FUSE mounts (openat2), and
+    whether users may mount for others (``user_allow_other``)."""
+    from . import nocross
+
+    try:
+        fd = os.open("/", os.O_PATH | os.O_DIRECTORY)
+        try:
+            nocross.lstat_at(fd, "tmp")
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    try:
+        with open(fuse_conf, encoding="utf-8", errors="replace") as fh:
+            allow_other = any(line.split("#", 1)[0].strip() == "user_allow_other"
+                              for line in fh.read(1 << 16).splitlines())
+    except OSError:
+        allow_other = False
+    if not nocross.have_openat2():
+        report.warn("this kernel has no openat2 (Linux < 5.6): the hooks cannot refuse to look "
+                    "into users' FUSE mounts in the staging folders"
+                    + (f"; with user_allow_other in {fuse_conf} a user can make them hang"
+                       if allow_other else ""))
+    elif allow_other:
+        report.warn(f"{fuse_conf} has user_allow_other: users' FUSE mounts answer root too. "
+                    f"conda-stage's hooks never enter them (openat2), other root tools may")
 
 
 def main() -> int:

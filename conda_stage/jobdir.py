@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import StageError
+from .nocross import detach_at, is_mount_error, lstat_at, open_at
 from .output import printable
 
 MANIFEST = "manifest.json"
@@ -101,7 +102,7 @@ def open_base(base: str, *, create: bool) -> int:
 
 def _open_dir(name: str, dir_fd: int, shown: str) -> int:
     try:
-        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        return open_at(dir_fd, name, _DIR_FLAGS)  # never into a mount, never a link
     except OSError as exc:
         raise UnsafeBase(f"staging folder {shown}: {_why(exc)}") from None
 
@@ -186,7 +187,7 @@ class JobDir:
         for folder, name in ((self.base, self.key), (self.state, f"{self.key}.json")):
             try:
                 with self._dir_fd(folder) as fd:
-                    os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    lstat_at(fd, name)
                     return True
             except (OSError, StageError):
                 pass
@@ -243,7 +244,7 @@ class JobDir:
                 try:
                     if os.fstat(job).st_uid != 0:
                         return None
-                    st = os.stat(TMP, dir_fd=job, follow_symlinks=False)
+                    st = lstat_at(job, TMP)
                 finally:
                     os.close(job)
         except (OSError, StageError):
@@ -427,7 +428,7 @@ def _remove_at(dir_fd: int, name: str, deadline: float | None = None) -> bool:
     import time
 
     try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        st = _lstat_detached(dir_fd, name)
     except FileNotFoundError:
         return False
     if not stat.S_ISDIR(st.st_mode):
@@ -502,14 +503,18 @@ def _empty_until_subfolder(fd: int, device: int):
             except OSError:
                 pass  # not empty, a mount point, swapped: looked at below
             try:
-                child = os.open(entry.name, _DIR_FLAGS, dir_fd=fd)
+                child = open_at(fd, entry.name, _DIR_FLAGS)
             except FileNotFoundError:
                 continue
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # swapped for a link or file
                     _unlink(entry.name, fd)
                     continue
-                raise
+                if not is_mount_error(exc):
+                    raise
+                # a mount the user left there (out of their own reach too):
+                # detached, never entered; then its folder is removed as any
+                child = _open_detached(fd, entry.name)
             cst = os.fstat(child)
             if cst.st_dev != device:
                 os.close(child)
@@ -524,6 +529,35 @@ def _unlink(name: str, dir_fd: int) -> None:
         os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
+    except OSError as exc:  # a file a mount sits on: detached, then unlinked
+        if exc.errno != errno.EBUSY or not detach_at(dir_fd, name):
+            raise
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def _lstat_detached(dir_fd: int, name: str) -> os.stat_result:
+    """``lstat`` of ``name`` in ``dir_fd`` without entering a mount there: a
+    mount on it (the user's, where root removes) is detached first."""
+    return _detached(dir_fd, name, lambda: lstat_at(dir_fd, name))
+
+
+def _open_detached(dir_fd: int, name: str) -> int:
+    """The folder ``name`` in ``dir_fd`` opened once the mounts on it are
+    detached (a few stacked ones at most: else StageError)."""
+    return _detached(dir_fd, name, lambda: open_at(dir_fd, name, _DIR_FLAGS))
+
+
+def _detached(dir_fd: int, name: str, look):
+    for _ in range(4):
+        try:
+            return look()
+        except OSError as exc:
+            if not is_mount_error(exc):
+                raise
+            if not detach_at(dir_fd, name):
+                break
+    raise StageError(f"{name} is a mount point (another filesystem) that could not be "
+                     f"detached: left alone")
 
 
 # ------------------------------------------------------ inside a job (user)

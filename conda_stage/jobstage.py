@@ -382,10 +382,13 @@ def exports(manifest: dict | None, environ) -> dict[str, str]:
 def epilog(job: Job, config: Config, log) -> None:
     t0 = time.monotonic()
     deadline = t0 + config.epilog_budget
-    staged = job.folder.exists() if job.folder is not None else os.path.lexists(job.workdir)
+    # SGE: the folder is in the job's TMPDIR, the user's: only the user looks
+    # at it (root would ask a FUSE mount the user put there)
+    staged = job.folder.exists() if job.folder is not None else None
+    result: dict = {}
     try:
-        result = run_as(job.account, _teardown, str(job.workdir) if staged else None,
-                        staged and job.folder is None, timeout=config.epilog_budget)
+        result = run_as(job.account, _teardown, str(job.workdir) if staged is not False
+                        else None, job.folder is None, timeout=config.epilog_budget)
         if result["killed"]:
             log.info(f"{job.label}: terminated {result['killed']} leftover processes "
                      f"running from {job.workdir}")
@@ -395,6 +398,8 @@ def epilog(job: Job, config: Config, log) -> None:
         log.error(f"{job.label}: cleaning up as the job user failed: {one_line(exc)}")
     if job.folder is not None:  # half the time left, the rest for the job's folder
         _release(job, config, log, _share(deadline, 0.5))
+    if staged is None:
+        staged = result.get("existed", False)
     if not staged:
         return
     if job.folder is not None:
@@ -407,7 +412,7 @@ def epilog(job: Job, config: Config, log) -> None:
             log.error(f"{job.label}: left {job.workdir} alone: the staging folder is not "
                       f"root's alone")
             return
-    elif os.path.lexists(job.workdir):
+    elif result.get("left", True):
         log.error(f"{job.label}: could not remove {job.workdir}")
         return
     log.info(f"{job.label}: removed {job.workdir} in {time.monotonic() - t0:.2f} s")
@@ -421,7 +426,7 @@ def _release(job: Job, config: Config, log, deadline: float) -> None:
     store = NodeStore.from_config(config)
     uid = job.account.uid
     try:
-        if store.records(uid) or os.path.lexists(store.user_folder(uid)):
+        if store.records(uid) or store.has_folder(uid):
             with store.locked(uid, deadline) as mine:
                 for rec in mine.release(holder(job.scheduler, job.folder.key)):
                     left = f"{len(rec.holders)} other job(s) still use it" if rec.holders else \
@@ -488,12 +493,13 @@ def _teardown(workdir: str | None, remove: bool) -> dict:
     from .gc import collect
     from .store import remove_tree
 
-    killed = terminate_processes_under(Path(workdir)) if workdir else 0
-    if workdir:  # e.g. an image's folder the job moved in here
+    existed = bool(workdir) and os.path.lexists(workdir)
+    killed = terminate_processes_under(Path(workdir)) if existed else 0
+    if existed:  # e.g. an image's folder the job moved in here
         from .image import unmount_all
 
         unmount_all(Path(workdir))
-    if workdir and remove:
+    if existed and remove:
         remove_tree(Path(workdir))
     quiet = output.is_quiet()
     output.configure(quiet=True)
@@ -501,4 +507,5 @@ def _teardown(workdir: str | None, remove: bool) -> dict:
         collected = collect(Path("/tmp"))
     finally:
         output.configure(quiet=quiet)
-    return {"killed": killed, "collected": [str(p) for p in collected]}
+    return {"killed": killed, "collected": [str(p) for p in collected], "existed": existed,
+            "left": bool(existed and remove and os.path.lexists(workdir))}

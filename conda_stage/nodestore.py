@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import StageError
+from .nocross import detach_at, is_mount_error, lstat_at, open_at
 from .jobdir import UnsafeBase, _open_dir, _remove_at, open_base, read_owned_json, write_at
 
 USERS = "users"
@@ -197,11 +198,15 @@ class NodeStore:
         with self._users(create=True) as users:
             for _ in range(3):
                 try:
-                    st = os.stat(name, dir_fd=users, follow_symlinks=False)
+                    # never asked of a mount there: its FUSE process could lie
+                    # ("the user's, 0700") or never answer
+                    st = lstat_at(users, name)
                 except FileNotFoundError:
                     pass
-                except PermissionError:  # another user's FUSE mount over it
-                    _detach_mounts(users, self.user_folder(uid))
+                except OSError as exc:
+                    if not is_mount_error(exc):
+                        raise
+                    _detach_mounts(users, self.user_folder(uid))  # a mount over it
                     _remove_at(users, name, deadline)
                 else:
                     if stat.S_ISDIR(st.st_mode) and st.st_uid == uid:
@@ -285,7 +290,7 @@ class NodeStore:
                 for n in os.listdir(fd):
                     if _UID.match(n) and int(n) not in found:
                         try:
-                            st = os.stat(n, dir_fd=fd, follow_symlinks=False)
+                            st = lstat_at(fd, n)  # a mount there: EXDEV, not asked
                         except OSError:
                             continue
                         if stat.S_ISDIR(st.st_mode) and st.st_uid == int(n):
@@ -293,6 +298,18 @@ class NodeStore:
         except (UnsafeBase, OSError):
             pass
         return sorted(found)
+
+    def has_folder(self, uid: int) -> bool:
+        """(root) Whether anything is at ``B/users/<uid>`` (a mount there
+        too: never asked)."""
+        try:
+            with self._users() as fd:
+                lstat_at(fd, str(int(uid)))
+            return True
+        except FileNotFoundError:
+            return False
+        except (OSError, UnsafeBase):
+            return True  # a mount, or a folder root cannot look into: the sweep's to judge
 
     def records(self, uid: int) -> list[Record]:
         """``uid``'s copy records.  Root lists them; the user, who may not
@@ -377,8 +394,7 @@ class UserStore:
             with self.store._users() as users:
                 user = _open_dir(str(self.uid), users, str(self.store.user_folder(self.uid)))
                 try:
-                    folder = os.open(cid, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                                     | os.O_CLOEXEC, dir_fd=user)
+                    folder = open_at(user, cid, os.O_RDONLY | os.O_DIRECTORY)
                 finally:
                     os.close(user)
                 try:
@@ -490,9 +506,6 @@ class UserStore:
                 pass
 
 
-_MNT_DETACH, _UMOUNT_NOFOLLOW = 2, 8
-
-
 def _detach_mounts(users_fd: int, folder: Path) -> None:
     """(root) Detach the mounts at and below ``folder`` (``users/<uid>``,
     squatted), shallowest first: a lazy unmount takes those below along.
@@ -501,8 +514,6 @@ def _detach_mounts(users_fd: int, folder: Path) -> None:
     relative to its folder (``UMOUNT_NOFOLLOW``): whatever the squatter
     renames meanwhile, root only ever detaches a mount inside the squatted
     folder -- the squatter's own FUSE mounts, root cannot even look into."""
-    import ctypes
-
     from .image import fuse_mounts_under
 
     try:
@@ -512,29 +523,17 @@ def _detach_mounts(users_fd: int, folder: Path) -> None:
         return
     if not points:
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    here = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        here = _swap_fd(here, os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
-    except OSError:
-        pass  # no way back to the working folder: come back to /
-    try:
-        for point in points:
-            parts = point.relative_to(folder.parent).parts
-            fd = os.dup(users_fd)
-            try:
-                for part in parts[:-1]:
-                    fd = _swap_fd(fd, os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                                              | os.O_CLOEXEC, dir_fd=fd))
-                os.fchdir(fd)
-                libc.umount2(os.fsencode(parts[-1]), _MNT_DETACH | _UMOUNT_NOFOLLOW)
-            except OSError:
-                continue  # gone with one above it, or not a folder any more
-            finally:
-                os.close(fd)
-    finally:
-        os.fchdir(here)
-        os.close(here)
+    for point in points:  # shallowest first: a lazy detach takes those below along
+        parts = point.relative_to(folder.parent).parts
+        fd = os.dup(users_fd)
+        try:
+            for part in parts[:-1]:  # never into a mount (EXDEV), never a link
+                fd = _swap_fd(fd, open_at(fd, part, os.O_RDONLY | os.O_DIRECTORY))
+            detach_at(fd, parts[-1])
+        except OSError:
+            continue  # gone with one above it, or not a folder any more
+        finally:
+            os.close(fd)
 
 
 def _swap_fd(old: int, new: int) -> int:

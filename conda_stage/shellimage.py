@@ -35,6 +35,7 @@ from pathlib import Path
 
 from . import output
 from .errors import StageError
+from .nocross import open_at
 from .nodestore import USERS, valid_id
 from .output import printable
 from .store import HOLDER_PREFIX, process_start, remove_tree
@@ -77,8 +78,9 @@ def own_folder(staging_dir: str) -> Path | str:
         except OSError as exc:
             return f"cannot make your folder in {users} ({exc.strerror})"
         try:
-            mine = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                           dir_fd=fd)
+            # never into a mount on it (EXDEV): another user's FUSE process
+            # would answer the fstat below ("yours, 0700")
+            mine = open_at(fd, name, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             return f"{users}/{name} is not a folder of yours ({exc.strerror}); tell your admin"
         try:

@@ -42,11 +42,11 @@ Attacks (``csmallory`` against ``csvictim`` and the node):
 This module sets ``user_allow_other`` in ``/etc/fuse.conf`` (the file, its
 mode and times restored afterwards), makes ``/dev/fuse`` usable by users
 (restored) and, for the shell-image tests, ``users/`` 1733 (restored to
-0755).  Tests that expose a bug not fixed yet are ``xfail(strict=True)``;
-each passes with a fix (checked against a sketch of one: openat2 with
-RESOLVE_NO_XDEV for root's and the shell's opens and lstats in the store
-and job folders, and root detaching the user's own mounts it meets while
-removing).
+0755).  Every attack but the last broke the hooks when it was written;
+the fix (:mod:`conda_stage.nocross`): root's and the shell's lookups in the
+store and job folders never enter a mount (openat2 with RESOLVE_NO_XDEV),
+root detaches the user's mounts it meets while removing, and SGE's job
+folder in the user's TMPDIR is looked at by the user only.
 """
 from __future__ import annotations
 
@@ -328,12 +328,6 @@ PIT_BUDGET = 5   # the prolog budget of the tar pit tests (shorter waits)
 PITS = ["own_folder_during_a_job", "uid_named_entry"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "with user_allow_other in /etc/fuse.conf, root's hooks make system calls on the "
-    "attacker's FUSE mount (own_folder: sweep_node -> _sweep -> UserStore.unused -> "
-    "_copy_ids -> _open_dir; uid_named_entry: sweep_node -> NodeStore.uids -> os.stat): "
-    "the attacker's FUSE process holds every other user's prolog past its budget, for as "
-    "long as it likes"))
 @pytest.mark.parametrize("where", PITS)
 def test_a_fuse_tar_pit_holds_no_other_users_prolog(where, atk):
     """The attacker mounts, with ``-o allow_other``, a FUSE filesystem of its
@@ -405,11 +399,6 @@ def test_a_fuse_tar_pit_holds_no_other_users_prolog(where, atk):
     verify(atk)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "with user_allow_other in /etc/fuse.conf, root's removal of the job folder "
-    "(JobDir.remove -> _remove_at -> _empty_until_subfolder -> os.open) opens the "
-    "attacker's FUSE mount the job user's unmount could not reach: the epilog waits for "
-    "the attacker's FUSE process, the job stays COMPLETING on the node"))
 def test_a_fuse_tar_pit_in_the_attackers_job_folder_holds_no_epilog(atk):
     """Default settings, epilog budget 5 s.  The attacker's job makes
     ``<job folder>/tmp/cs-locked/m``; the attacker mounts there, with
@@ -471,11 +460,6 @@ print(hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16])
                           str(env.tarball)).strip()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "with user_allow_other in /etc/fuse.conf, NodeStore.prepare_user lstat()s the "
-    "attacker's FUSE mount over users/<victim uid>, believes its answer (a folder of the "
-    "victim's, 0700) and keeps it; the victim's staging child reuses the copy planted in "
-    "it and the victim's 'conda activate' runs the attacker's activate.d script"))
 def test_a_lying_fuse_mount_over_the_victims_folder_is_not_taken_for_the_victims(atk):
     """Shell images on (``users/`` 1733).  Before the victim's job the
     attacker makes ``users/<victim uid>`` and mounts over it, with
@@ -619,12 +603,6 @@ OUT_OF_REACH = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "root never detaches the job user's own mounts in the job folder (JobDir.remove) or in "
-    "the user's store folder (UserStore.tidy): it relies on the user's epilog/sweep child "
-    "(fusermount3 -u), which cannot reach a mount under a folder the user made unreadable; "
-    "root's _remove_at then stops at the mount (EACCES), the epilog and every "
-    "'gc --jobs' leave the folder (gc exits 1), and the FUSE process outlives the job"))
 @pytest.mark.parametrize("where", list(OUT_OF_REACH))
 def test_a_fuse_mount_out_of_the_users_reach_is_not_left_forever(where, atk):
     """Default settings.  The attacker's job mounts its own image
@@ -664,10 +642,6 @@ def test_a_fuse_mount_out_of_the_users_reach_is_not_left_forever(where, atk):
     verify(atk)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "with user_allow_other in /etc/fuse.conf, shellimage.own_folder takes the attacker's "
-    "FUSE mount over users/<uid> for the user's own folder (its fstat says the user's, "
-    "0700): the user's shell works in a filesystem another user serves"))
 def test_a_lying_fuse_mount_over_the_victims_folder_is_not_used_by_the_victims_shell(
         atk, stage_bin):
     """Shell images on, the attacker's lying mount over ``users/<victim

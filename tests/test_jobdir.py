@@ -297,21 +297,48 @@ def test_removal_handles_any_depth_with_few_descriptors(base):
     assert not top.exists() and os.path.isdir("/etc/default")
 
 
-def test_removal_never_crosses_into_another_filesystem(base):
-    from conda_stage.errors import StageError
+def test_removal_detaches_a_mount_it_meets_and_never_enters_it(base):
+    """A mount in a folder root removes (a user's FUSE mount in their job
+    or store folder) is detached by its name, never entered: what is in it
+    stays (seen here through a descriptor of it held from before)."""
     from conda_stage.jobdir import _remove_at
 
-    mnt = base / "tree" / "mnt"
+    mnt = base / "tree" / "deep" / "mnt"
     mnt.mkdir(parents=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "cs-test", str(mnt)], check=True)
+    held = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
     try:
         (mnt / "keep").write_text("x")
         fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            with pytest.raises(StageError, match="mount point"):
-                _remove_at(fd, "tree")
+            assert _remove_at(fd, "tree")
         finally:
             os.close(fd)
-        assert (mnt / "keep").exists()
+        assert not (base / "tree").exists()
+        assert os.stat("keep", dir_fd=held).st_size == 1  # detached, not emptied
+        assert str(mnt) not in Path("/proc/self/mountinfo").read_text()
     finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+        os.close(held)
+        if str(mnt) in Path("/proc/self/mountinfo").read_text():
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_mount_on_the_folder_itself_is_detached_first(base):
+    from conda_stage.jobdir import _remove_at
+
+    mnt = base / "top"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "cs-test", str(mnt)], check=True)
+    held = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        (mnt / "keep").write_text("x")
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert _remove_at(fd, "top")
+        finally:
+            os.close(fd)
+        assert not mnt.exists() and os.stat("keep", dir_fd=held).st_size == 1
+    finally:
+        os.close(held)
+        if str(mnt) in Path("/proc/self/mountinfo").read_text():
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
