@@ -290,7 +290,7 @@ def mount_fresh_image(env: Env, folder: Path, name: str, copy_image: bool, deadl
     tell (an image of an earlier build, the environment changed since, an
     image replaced while it was opened): the tarball's locked path decides,
     and says why.  A line for the user when mounting failed (then extract)."""
-    from . import image, shellimage
+    from . import image
 
     img = image.Image(env)
     meta = img.read_meta()
@@ -306,15 +306,8 @@ def mount_fresh_image(env: Env, folder: Path, name: str, copy_image: bool, deadl
         output.warn(line)
         return line
     try:
-        with shellimage.folder_locked(target.parent):
-            mounted = _mount_locked(env, img, target, meta.image_id, copy_image, deadline,
-                                    expect=meta)
-            if isinstance(mounted, Shared):
-                if holder is None:
-                    shellimage.claim_for_job(target.parent)
-                else:
-                    add_holder(target, holder)
-            return mounted
+        return _mount_held(env, img, target, meta.image_id, copy_image, deadline, holder,
+                           expect=meta)
     except _ImageReplaced:
         return None
     except OSError as exc:
@@ -330,7 +323,7 @@ def _mount_image(env: Env, folder: Path, name: str, tarball_st, mode: str, copy_
     (reused if it already is), for a job -- or, with ``holder``, for that
     shell (:mod:`shellimage`); else why extraction must do (a line for the
     user), or None when there is nothing to say (no image, mode "auto")."""
-    from . import image, shellimage
+    from . import image
 
     img = image.Image(env)
     meta = img.read_meta()
@@ -344,19 +337,28 @@ def _mount_image(env: Env, folder: Path, name: str, tarball_st, mode: str, copy_
             return line
         return None
     try:
-        with shellimage.folder_locked(target.parent):
-            mounted = _mount_locked(env, img, target, cid, copy_image, deadline)
-            if isinstance(mounted, Shared):
-                if holder is None:
-                    shellimage.claim_for_job(target.parent)
-                else:
-                    add_holder(target, holder)
-            return mounted
+        return _mount_held(env, img, target, cid, copy_image, deadline, holder)
     except OSError as exc:
         line = f"not mounting its image ({printable(exc.strerror or str(exc))}); extracting " \
                f"it instead"
         output.warn(line)
         return line
+
+
+def _mount_held(env: Env, img, target: Path, cid: str, copy_image: bool, deadline,
+                holder: int | None, expect=None) -> Shared | str:
+    """Under the image folder's lock: the mount at ``target``, reused or
+    made, held by the job (its claim) or the shell ``holder``."""
+    from . import shellimage
+
+    with shellimage.folder_locked(target.parent):
+        mounted = _mount_locked(env, img, target, cid, copy_image, deadline, expect=expect)
+        if isinstance(mounted, Shared):
+            if holder is None:
+                shellimage.claim_for_job(target.parent)
+            else:
+                add_holder(target, holder)
+        return mounted
 
 
 def _mount_locked(env: Env, img, target: Path, cid: str, copy_image: bool,

@@ -197,12 +197,6 @@ def atk(slurm_side, people, envs, conda_site):
 
 
 # ----------------------------------------------------------------- helpers
-def as_attacker(atk, script: str, timeout: float = 300) -> str:
-    """Run a bash script as the attacker (outside any job); its stdout."""
-    r = run_as(atk.people.attacker, ["bash", "-c", "set -e\n" + script], timeout=timeout,
-               env={"PATH": A.SANE_PATH, "HOME": str(atk.people.attacker.home)})
-    assert r.returncode == 0, f"the attacker's setup failed: {r.stdout}{r.stderr}"
-    return r.stdout
 
 
 def as_attacker_py(atk, code: str, *args: str, timeout: float = 300) -> str:
@@ -368,7 +362,7 @@ def test_a_fuse_tar_pit_holds_no_other_users_prolog(where, atk):
         atk.users_mode = 0o1733
         pit_at = USERS / "4242420"
         atk.cleanups.append(lambda: A.force_remove(pit_at))
-        as_attacker(atk, f'mkdir -m 0700 "{pit_at}"')
+        A.as_attacker(atk, f'mkdir -m 0700 "{pit_at}"')
     mark = A.size_of(HOOK_LOG)
     pit = start_tarpit(atk, pit_at)
     t0 = time.time()
@@ -511,7 +505,7 @@ def _lying_mount_over_victims_folder(atk, planted: bool = True) -> tuple[Path, s
     tree = kit / "lie"
     copy = tree / cid / vic.name
     marker = {"original": str(vic.prefix), "name": vic.name, "mode": "job"}
-    as_attacker(atk, f"""rm -rf "{tree}" "{kit}/lie.sqfs"
+    A.as_attacker(atk, f"""rm -rf "{tree}" "{kit}/lie.sqfs"
 mkdir -p "{copy}/conda-meta" "{copy}/etc/conda/activate.d"
 : > "{copy}/conda-meta/history"
 printf '%s\\n' '{atk.proof.cmd("cs-evil-activate")}' > "{copy}/etc/conda/activate.d/cs-evil.sh"

@@ -144,12 +144,6 @@ def atk(slurm_side, people, envs, conda_site):
 
 
 # ----------------------------------------------------------------- helpers
-def as_attacker(atk, script: str, timeout: float = 300) -> str:
-    """Run a bash script as the attacker (outside any job); its stdout."""
-    r = run_as(atk.people.attacker, ["bash", "-c", "set -e\n" + script], timeout=timeout,
-               env={"PATH": A.SANE_PATH, "HOME": str(atk.people.attacker.home)})
-    assert r.returncode == 0, f"the attacker's setup failed: {r.stdout}{r.stderr}"
-    return r.stdout
 
 
 def as_attacker_py(atk, code: str, timeout: float = 300) -> str:
@@ -266,23 +260,23 @@ def _squat(atk, how: str) -> dict:
     checks = {"decoy": None, "mine": mine}
     if how == "dir_0777":
         # what the victim's job would use if root kept it: the attacker's copy
-        as_attacker(atk, f'mkdir -m 0777 "{v}"; chmod 0777 "{v}"; mkdir -p "{v}/{vid}"\n'
+        A.as_attacker(atk, f'mkdir -m 0777 "{v}"; chmod 0777 "{v}"; mkdir -p "{v}/{vid}"\n'
                          f'ln -s "{mine}" "{v}/{vid}/{vic.name}"\n'
                          f'echo evil > "{v}/cs-evil"; chmod -R a+rwx "{v}"')
     elif how == "symlink_to_decoy":
         checks["decoy"] = atk.decoy(DECOY, ["sub", vid])
-        as_attacker(atk, f'ln -s "{DECOY}" "{v}"')
+        A.as_attacker(atk, f'ln -s "{DECOY}" "{v}"')
     elif how == "symlink_to_own":
-        as_attacker(atk, f'ln -s "{mine}" "{v}"')
+        A.as_attacker(atk, f'ln -s "{mine}" "{v}"')
     elif how == "file":
-        as_attacker(atk, f'echo evil > "{v}"; chmod 0600 "{v}"')
+        A.as_attacker(atk, f'echo evil > "{v}"; chmod 0600 "{v}"')
     elif how == "fifo":
-        as_attacker(atk, f'mkfifo -m 0600 "{v}"')
+        A.as_attacker(atk, f'mkfifo -m 0600 "{v}"')
         atk.cleanups.append(lambda: A.release_fifo_readers(v))
     else:
         point = {"fuse_inside": f"{v}/{vid}", "fuse_over": f"{v}",
                  "fuse_out_of_reach": f"{v}/cs-locked/m"}[how]
-        as_attacker(atk, f'mkdir -p "{point}"\n'
+        A.as_attacker(atk, f'mkdir -p "{point}"\n'
                          f'squashfuse_ll "{image}" "{point}"\n'
                          f'for i in $(seq 50); do grep -qF " {point} " /proc/self/mountinfo '
                          f'&& break; sleep 0.1; done\n'
@@ -424,7 +418,7 @@ def test_hostile_content_in_the_attackers_own_folder_is_never_followed(atk):
     holder = f".holder-{sleeper.pid}-{start_ms}"
     own_id = image_meta(one)["image_id"]
     u = USERS / str(attacker.uid)
-    as_attacker(atk, f"""mkdir -m 0700 "{u}"; cd "{u}"
+    A.as_attacker(atk, f"""mkdir -m 0700 "{u}"; cd "{u}"
 ln -s /etc aaaaaaaaaaaaaaa1
 ln -s "{decoy}" aaaaaaaaaaaaaaa2
 ln -s "{victim.home}" aaaaaaaaaaaaaaa3
@@ -477,7 +471,7 @@ def test_a_wide_tree_in_the_squatted_folder_holds_no_hook_past_its_budget(atk):
     victim = atk.people.victim
     vic = atk.envs["vic"]
     v = USERS / str(victim.uid)
-    as_attacker(atk, f'mkdir -m 0755 "{v}"')
+    A.as_attacker(atk, f'mkdir -m 0755 "{v}"')
     _wide_tree(atk, v / "cs-wide")
     atk.setting(epilog_budget=30)
     atk.begin()
@@ -508,7 +502,7 @@ def test_a_wide_tree_in_the_attackers_own_folder_does_not_hold_the_victims_prolo
     attacker, victim = atk.people.attacker, atk.people.victim
     vic = atk.envs["vic"]
     u = USERS / str(attacker.uid)
-    as_attacker(atk, f'mkdir -m 0700 "{u}"')
+    A.as_attacker(atk, f'mkdir -m 0700 "{u}"')
     _wide_tree(atk, u / "bbbbbbbbbbbbbbb1")
     atk.begin()
     mark = A.size_of(HOOK_LOG)

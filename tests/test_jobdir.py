@@ -1,6 +1,7 @@
 """Root-side job folders: the staging base checks, fd-based creation and
 removal that no planted symlink redirects, the manifest schema, escaping
 for the formats hook output crosses into, and gc of what was left."""
+import contextlib
 import json
 import os
 import subprocess
@@ -297,18 +298,31 @@ def test_removal_handles_any_depth_with_few_descriptors(base):
     assert not top.exists() and os.path.isdir("/etc/default")
 
 
-def test_removal_detaches_a_mount_it_meets_and_never_enters_it(base):
-    """A mount in a folder root removes (a user's FUSE mount in their job
-    or store folder) is detached by its name, never entered: what is in it
-    stays (seen here through a descriptor of it held from before)."""
-    from conda_stage.jobdir import _remove_at
-
-    mnt = base / "tree" / "deep" / "mnt"
-    mnt.mkdir(parents=True)
+@contextlib.contextmanager
+def _tmpfs_with_a_file(mnt: Path):
+    """A tmpfs at ``mnt`` holding ``keep``; yields a descriptor of it, held
+    from before (it sees the mount even once detached)."""
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "cs-test", str(mnt)], check=True)
     held = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
     try:
         (mnt / "keep").write_text("x")
+        yield held
+    finally:
+        os.close(held)
+        if str(mnt) in Path("/proc/self/mountinfo").read_text():
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("where", ["tree/deep/mnt", "tree"])
+def test_removal_detaches_a_mount_it_meets_and_never_enters_it(base, where):
+    """A mount in a folder root removes, or on it (a user's FUSE mount in
+    their job or store folder), is detached by its name, never entered:
+    what is in it stays (seen through a descriptor held from before)."""
+    from conda_stage.jobdir import _remove_at
+
+    mnt = base / where
+    mnt.mkdir(parents=True)
+    with _tmpfs_with_a_file(mnt) as held:
         fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
         try:
             assert _remove_at(fd, "tree")
@@ -317,28 +331,3 @@ def test_removal_detaches_a_mount_it_meets_and_never_enters_it(base):
         assert not (base / "tree").exists()
         assert os.stat("keep", dir_fd=held).st_size == 1  # detached, not emptied
         assert str(mnt) not in Path("/proc/self/mountinfo").read_text()
-    finally:
-        os.close(held)
-        if str(mnt) in Path("/proc/self/mountinfo").read_text():
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def test_a_mount_on_the_folder_itself_is_detached_first(base):
-    from conda_stage.jobdir import _remove_at
-
-    mnt = base / "top"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "cs-test", str(mnt)], check=True)
-    held = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        (mnt / "keep").write_text("x")
-        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            assert _remove_at(fd, "top")
-        finally:
-            os.close(fd)
-        assert not mnt.exists() and os.stat("keep", dir_fd=held).st_size == 1
-    finally:
-        os.close(held)
-        if str(mnt) in Path("/proc/self/mountinfo").read_text():
-            subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .envs import EnabledEnv, enable_env, remove_env
-from .users import TEST_BASE, User, ensure_user
+from .users import TEST_BASE, User, ensure_user, run_as
 
 ATTACKER_NAME = "csmallory"
 VICTIM_NAME = "csvictim"   # its own user: a failing product may empty the victim's home
@@ -1683,3 +1683,11 @@ def submit_to_hold(atk: Attack) -> str:
     atk.setting(on_error="hold")
     atk.begin()
     return atk.submit(attacker, "", [one.name])
+
+
+def as_attacker(atk, script: str, timeout: float = 300) -> str:
+    """Run a bash script as ``atk``'s attacker (outside any job); its stdout."""
+    r = run_as(atk.people.attacker, ["bash", "-c", "set -e\n" + script], timeout=timeout,
+               env={"PATH": SANE_PATH, "HOME": str(atk.people.attacker.home)})
+    assert r.returncode == 0, f"the attacker's setup failed: {r.stdout}{r.stderr}"
+    return r.stdout
