@@ -181,44 +181,6 @@ def release_job_claim(folder: Path) -> None:
         os.unlink(folder / JOB_CLAIM)
 
 
-def mount_for_shell(env, tarball_st: os.stat_result, owner_pid: int,
-                    deadline: float | None = None) -> Path | None:
-    """(the user's shell) The environment's image mounted for the shell
-    ``owner_pid`` (shared with the user's other shells and jobs on this
-    node), or None: extract instead -- one line says why when an image was
-    there to use."""
-    from .stage import Shared, _mount_image
-
-    config = site()
-    if config is None:
-        return None
-    folder = own_folder(config.staging_dir)
-    if isinstance(folder, str):
-        output.warn(f"not mounting its image ({printable(folder)}); extracting it instead")
-        return None
-    mounted = _mount_image(env, folder, env.name, tarball_st, config.stage_mode,
-                           config.image_copy, deadline, holder=owner_pid)
-    return mounted.path if isinstance(mounted, Shared) else None
-
-
-def mount_fresh_for_shell(env, owner_pid: int, deadline: float | None = None) -> Path | str | None:
-    """(the user's shell) As :func:`mount_for_shell`, judged by the image's
-    sidecar alone (:func:`stage.mount_fresh_image`), before the tarball is
-    opened: the mount's path; a line already said (extract instead); or
-    None (the tarball's path decides)."""
-    from .stage import Shared, mount_fresh_image
-
-    config = site()
-    if config is None:
-        return None
-    folder = own_folder(config.staging_dir)
-    if isinstance(folder, str):
-        return None  # mount_for_shell says why, if the tarball's path gets there
-    mounted = mount_fresh_image(env, folder, env.name, config.image_copy, deadline,
-                                holder=owner_pid)
-    return mounted.path if isinstance(mounted, Shared) else mounted
-
-
 def unstage(prefix: Path, holder_pid: int, *, force: bool = False) -> bool | None:
     """Let go of an image mount for the shell ``holder_pid``; None when
     ``prefix`` is no image shells hold (the caller goes on).  Unmounted and

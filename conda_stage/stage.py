@@ -16,18 +16,29 @@ import time
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-from . import bytecode, formats, output
+from . import bytecode, formats, imagestage, output
 from .errors import StageError
 from .extract import extract
+from .imagestage import Shared, mount_fresh_image, mount_image
 from .locking import file_lock
 from .output import printable
 from .relocate import Relocator, check_prefix_fits
 from .resolve import Env
-from .store import (MARKER, add_holder, find_shared, holders_locked, live_holders, new_marker,
-                    new_parent, read_marker, remove_tree, staging_base)
-from .store import unstage  # noqa: F401 (its home was here; it needs none of the above)
+from .store import (
+    MARKER,
+    add_holder,
+    find_shared,
+    holders_locked,
+    live_holders,
+    new_marker,
+    new_parent,
+    read_marker,
+    remove_tree,
+    staging_base,
+    unstage,  # noqa: F401 (its home was here; it needs none of the above)
+)
 from .tarball import Sidecar, Tarball
-from .userfiles import open_regular
+from .userfiles import check_planted, open_regular
 
 ACTIVATE_HOOK = "etc/conda/activate.d/zzz.conda-stage-auto.sh"
 DEACTIVATE_HOOK = "etc/conda/deactivate.d/000.conda-stage-auto.sh"
@@ -67,7 +78,7 @@ def open_tarball(env: Env, lock_timeout: float | None = None,
                              f"{exc.strerror}") from None
         st = os.fstat(fh.fileno())
         try:
-            _check_planted(env, tarball, st)
+            check_planted(env, tarball, st)
         except StageError:
             fh.close()
             raise
@@ -76,25 +87,6 @@ def open_tarball(env: Env, lock_timeout: float | None = None,
             fh.close()
             return Opened(tarball, side, None)
         return Opened(tarball, side, fh)
-
-
-def _check_planted(env: Env, tarball, st: os.stat_result, kind: str = "tarball",
-                   side: os.stat_result | None = None) -> None:
-    """A tarball (or image, ``kind``) or its sidecar (``side``: its stat, if
-    known) someone else could have put next to a shared environment is not
-    used: each must belong to the environment's owner or to whoever stages
-    it, and must not be writable by everyone."""
-    try:
-        owners = {os.stat(env.prefix).st_uid, os.getuid()}
-        side = side or os.stat(tarball.meta_path)
-    except OSError:
-        return  # gone meanwhile: the sidecar check reports it
-    for what, info in ((kind, st), (f"{kind}'s sidecar", side)):
-        if info.st_uid not in owners or info.st_mode & 0o002:
-            path = tarball.path if what == kind else tarball.meta_path
-            raise StageError(f"Not using the {what} {printable(str(path))}: it belongs to uid "
-                             f"{info.st_uid}, not to the environment's owner, or anyone may "
-                             f"write it; repack with 'conda stage --pack --force {env.prefix}'")
 
 
 def _time_left(deadline: float | None, what: str) -> float | None:
@@ -131,7 +123,7 @@ def stage(env: Env, *, path: Path | None = None, base: Path | None = None,
     for_shell = path is None and mode == "interactive" and owner_pid and not writable
     said = None  # why a fresh image was not mounted (said already)
     if for_shell and _has_image(env):
-        from .shellimage import mount_fresh_for_shell
+        from .imagestage import mount_fresh_for_shell
 
         said = mount_fresh_for_shell(env, owner_pid, deadline)
         if isinstance(said, Path):
@@ -146,7 +138,7 @@ def stage(env: Env, *, path: Path | None = None, base: Path | None = None,
             if shared is not None:
                 return shared
             if said is None and _has_image(env):
-                from .shellimage import mount_for_shell
+                from .imagestage import mount_for_shell
 
                 mounted = mount_for_shell(env, os.fstat(opened.fh.fileno()), owner_pid,
                                           deadline)
@@ -197,7 +189,7 @@ def open_fresh(env: Env, *, repack: bool, lock_timeout: float | None = None,
     if (env.prefix / MARKER).exists():
         raise StageError(f"{env.prefix} is itself a staged copy; stage the original environment")
     if announce:
-        _announce(env)
+        imagestage.announce(env)
     waiting = f"Waiting for another process packing {env.prefix} ..." if repack else None
     for attempt in range(3):
         _time_left(deadline, "before its tarball could be read")
@@ -219,16 +211,6 @@ def open_fresh(env: Env, *, repack: bool, lock_timeout: float | None = None,
         if attempt < 2:
             _repack(env, reason, lock_timeout, deadline)
     raise StageError(f"No usable tarball for {env.prefix}; run 'conda stage --pack {env.prefix}'")
-
-
-class Shared(NamedTuple):
-    path: Path
-    copy_id: str
-    reused: bool
-    bytes: int
-    files: int
-    image: bool = False
-    note: str | None = None  # why an image was not mounted (the job is told)
 
 
 def stage_shared(env: Env, folder: Path, name: str, *, job_id: str | None = None,
@@ -255,7 +237,7 @@ def stage_shared(env: Env, folder: Path, name: str, *, job_id: str | None = None
         meta = opened.sidecar.meta
         st = os.fstat(opened.fh.fileno())
         if mode in ("image", "auto") and note is None:
-            mounted = _mount_image(env, Path(folder), name, st, mode, copy_image, deadline)
+            mounted = mount_image(env, Path(folder), name, st, mode, copy_image, deadline)
             if isinstance(mounted, Shared):
                 return mounted._replace(bytes=meta.unpacked_bytes, files=meta.files)
             note = mounted
@@ -270,136 +252,6 @@ def stage_shared(env: Env, folder: Path, name: str, *, job_id: str | None = None
                     writable=False, owner_pid=None, mode="job", job_id=job_id,
                     deadline=deadline)
         return Shared(target, cid, False, meta.unpacked_bytes, meta.files, note=note)
-
-
-def _announce(env: Env) -> None:
-    output.info(f"Staging current Conda environment ({env.prefix}) to local disk ...")
-
-
-class _ImageReplaced(Exception):
-    """The image file opened is not the one its sidecar describes (a repack
-    replaced it meanwhile)."""
-
-
-def mount_fresh_image(env: Env, folder: Path, name: str, copy_image: bool, deadline,
-                      holder: int | None = None) -> Shared | str | None:
-    """The environment's image mounted in the user's store ``folder`` as
-    :func:`_mount_image` does -- but judged by the image's sidecar alone,
-    without the tarball, its sidecar or the environment's lock: on a shared
-    filesystem, half the requests of staging.  None when the sidecar cannot
-    tell (an image of an earlier build, the environment changed since, an
-    image replaced while it was opened): the tarball's locked path decides,
-    and says why.  A line for the user when mounting failed (then extract)."""
-    from . import image
-
-    img = image.Image(env)
-    meta = img.read_meta()
-    if meta is None:
-        return None
-    target = folder / meta.image_id / name
-    if not img.fresh(meta, str(target)):
-        return None
-    _announce(env)
-    why = image.fuse_problem()
-    if why is not None:
-        line = f"not mounting its image ({why}); extracting it instead"
-        output.warn(line)
-        return line
-    try:
-        return _mount_held(env, img, target, meta.image_id, copy_image, deadline, holder,
-                           expect=meta)
-    except _ImageReplaced:
-        return None
-    except OSError as exc:
-        line = f"not mounting its image ({printable(exc.strerror or str(exc))}); extracting " \
-               f"it instead"
-        output.warn(line)
-        return line
-
-
-def _mount_image(env: Env, folder: Path, name: str, tarball_st, mode: str, copy_image: bool,
-                 deadline, holder: int | None = None) -> Shared | str | None:
-    """The environment's image mounted in the user's store ``folder``
-    (reused if it already is), for a job -- or, with ``holder``, for that
-    shell (:mod:`shellimage`); else why extraction must do (a line for the
-    user), or None when there is nothing to say (no image, mode "auto")."""
-    from . import image
-
-    img = image.Image(env)
-    meta = img.read_meta()
-    cid = meta.image_id if meta is not None else "0" * 16
-    target = folder / cid / name
-    why = img.usable(tarball_st, str(target), meta) or image.fuse_problem()
-    if why is not None:
-        if mode == "image" or meta is not None:
-            line = f"not mounting its image ({why}); extracting it instead"
-            output.warn(line)
-            return line
-        return None
-    try:
-        return _mount_held(env, img, target, cid, copy_image, deadline, holder)
-    except OSError as exc:
-        line = f"not mounting its image ({printable(exc.strerror or str(exc))}); extracting " \
-               f"it instead"
-        output.warn(line)
-        return line
-
-
-def _mount_held(env: Env, img, target: Path, cid: str, copy_image: bool, deadline,
-                holder: int | None, expect=None) -> Shared | str:
-    """Under the image folder's lock: the mount at ``target``, reused or
-    made, held by the job (its claim) or the shell ``holder``."""
-    from . import shellimage
-
-    with shellimage.folder_locked(target.parent):
-        mounted = _mount_locked(env, img, target, cid, copy_image, deadline, expect=expect)
-        if isinstance(mounted, Shared):
-            if holder is None:
-                shellimage.claim_for_job(target.parent)
-            else:
-                add_holder(target, holder)
-        return mounted
-
-
-def _mount_locked(env: Env, img, target: Path, cid: str, copy_image: bool,
-                  deadline, expect=None) -> Shared | str:
-    """(under the image folder's lock) Reuse or make the mount at
-    ``target``.  ``expect``: the sidecar the image file must match
-    (:class:`_ImageReplaced` if it does not)."""
-    from . import image
-
-    if os.path.ismount(target) and read_marker(target) is not None:
-        output.info(f"Using the image mounted on this node: {target}")
-        return Shared(target, cid, True, 0, 0, True)
-    try:
-        # opened once: checked, then copied or mounted
-        fd = image.open_image(img.path, to_read=copy_image)
-        try:
-            st = os.fstat(fd)
-            if expect is not None and not expect.describes(st):
-                raise _ImageReplaced()
-            _check_planted(env, img, st, kind="image", side=img.meta_st)
-            output.info(f"Mounting {output.describe_file(img.path)} at {target}")
-            took = image.mount(img.path, target, deadline=deadline, opened=fd,
-                               copy_into=target.parent / (f".image{image.SUFFIX}")
-                               if copy_image else None)
-        finally:
-            os.close(fd)
-        if read_marker(target) is None:
-            raise StageError(f"the image {img.path} is not a conda-stage image of {env.prefix}")
-    except (StageError, OSError) as exc:  # a broken or planted image: the tarball may do
-        try:
-            image.unmount_all(target)
-            remove_tree(target)
-            (target.parent / f".image{image.SUFFIX}").unlink(missing_ok=True)
-        except OSError:
-            pass  # an unrecorded folder in the store: the next sweep takes it
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        line = f"not mounting its image ({printable(why)}); extracting it instead"
-        output.warn(line)
-        return line
-    output.info(f"Total mount time: {output.seconds(took)}")
-    return Shared(target, cid, False, 0, 0, True)
 
 
 def _repack(env: Env, reason: str, lock_timeout, deadline) -> None:

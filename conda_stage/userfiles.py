@@ -19,10 +19,13 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from .errors import StageError
 from .output import printable
+
+if TYPE_CHECKING:
+    from .resolve import Env
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -147,3 +150,22 @@ def read_bounded(path, limit: int, *, what: str) -> bytes:
         return read_fd_bounded(fd, limit, path=path, what=what)
     finally:
         os.close(fd)
+
+
+def check_planted(env: Env, tarball, st: os.stat_result, kind: str = "tarball",
+                   side: os.stat_result | None = None) -> None:
+    """A tarball (or image, ``kind``) or its sidecar (``side``: its stat, if
+    known) someone else could have put next to a shared environment is not
+    used: each must belong to the environment's owner or to whoever stages
+    it, and must not be writable by everyone."""
+    try:
+        owners = {os.stat(env.prefix).st_uid, os.getuid()}
+        side = side or os.stat(tarball.meta_path)
+    except OSError:
+        return  # gone meanwhile: the sidecar check reports it
+    for what, info in ((kind, st), (f"{kind}'s sidecar", side)):
+        if info.st_uid not in owners or info.st_mode & 0o002:
+            path = tarball.path if what == kind else tarball.meta_path
+            raise StageError(f"Not using the {what} {printable(str(path))}: it belongs to uid "
+                             f"{info.st_uid}, not to the environment's owner, or anyone may "
+                             f"write it; repack with 'conda stage --pack --force {env.prefix}'")

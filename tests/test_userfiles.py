@@ -852,7 +852,7 @@ def test_tarball_or_sidecar_planted_by_someone_else_is_refused(tmp_path):
     """Next to a shared environment, another user's tarball or sidecar (or a
     world-writable one) is never staged from."""
     from conda_stage.resolve import Env
-    from conda_stage.stage import _check_planted
+    from conda_stage.userfiles import check_planted as _check_planted
     from conda_stage.tarball import Tarball
 
     prefix = tmp_path / "envs" / "shared"
