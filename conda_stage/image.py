@@ -122,8 +122,8 @@ class Image:
                 or not meta.mount_prefix.isprintable() or not meta.mount_prefix.startswith("/")
                 or not all(_is_int(i) for i in ints)
                 or not all(i is None or _is_int(i) for i in optional)
-                or not (meta.fingerprint is None or _FINGERPRINT.fullmatch(
-                    str(meta.fingerprint)) and isinstance(meta.fingerprint, str))):
+                or not (meta.fingerprint is None or (isinstance(meta.fingerprint, str)
+                                                     and _FINGERPRINT.fullmatch(meta.fingerprint)))):
             return None
         return meta
 

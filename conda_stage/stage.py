@@ -24,19 +24,9 @@ from .locking import file_lock
 from .output import printable
 from .relocate import Relocator, check_prefix_fits
 from .resolve import Env
-from .store import (
-    MARKER,
-    add_holder,
-    find_shared,
-    holders_locked,
-    live_holders,
-    new_marker,
-    new_parent,
-    read_marker,
-    remove_tree,
-    staging_base,
-    unstage,  # noqa: F401 (its home was here; it needs none of the above)
-)
+from .store import (MARKER, add_holder, find_shared, holders_locked, live_holders, new_marker,
+                    new_parent, read_marker, remove_tree, staging_base)
+from .store import unstage  # noqa: F401 (its home was here; it needs none of the above)
 from .tarball import Sidecar, Tarball
 from .userfiles import check_planted, open_regular
 
