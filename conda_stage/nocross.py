@@ -56,8 +56,14 @@ def open_at(dir_fd: int, name: str, flags: int) -> int:
 
 
 def have_openat2() -> bool:
-    """Whether lookups here refuse mounts (False: a kernel before 5.6; known
-    after the first :func:`open_at`)."""
+    """Whether lookups here refuse mounts (False: a kernel before 5.6)."""
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.close(open_at(fd, ".", os.O_PATH))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
     return _have_openat2
 
 
