@@ -167,12 +167,10 @@ def _mount_locked(env: Env, img, target: Path, cid: str, copy_image: bool,
     return Shared(target, cid, False, 0, 0, True)
 
 
-def mount_for_shell(env, tarball_st: os.stat_result, owner_pid: int,
-                    deadline: float | None = None) -> Path | None:
-    """(the user's shell) The environment's image mounted for the shell
-    ``owner_pid`` (shared with the user's other shells and jobs on this
-    node), or None: extract instead -- one line says why when an image was
-    there to use."""
+def _shell_folder():
+    """(the user's shell) The site's settings and the user's folder in the
+    store, when shells may mount images here; else None (not here), or the
+    line for the user (the folder cannot be used: extract)."""
     from . import shellimage
 
     config = shellimage.site()
@@ -180,10 +178,24 @@ def mount_for_shell(env, tarball_st: os.stat_result, owner_pid: int,
         return None
     folder = shellimage.own_folder(config.staging_dir)
     if isinstance(folder, str):
-        output.warn(f"not mounting its image ({printable(folder)}); extracting it instead")
+        return f"not mounting its image ({printable(folder)}); extracting it instead"
+    return config, folder
+
+
+def mount_for_shell(env, tarball_st: os.stat_result, owner_pid: int,
+                    deadline: float | None = None) -> Path | None:
+    """(the user's shell) The environment's image mounted for the shell
+    ``owner_pid`` (shared with the user's other shells and jobs on this
+    node), or None: extract instead -- one line says why when an image was
+    there to use."""
+    where = _shell_folder()
+    if not isinstance(where, tuple):
+        if where is not None:
+            output.warn(where)
         return None
+    config, folder = where
     mounted = mount_image(env, folder, env.name, tarball_st, config.stage_mode,
-                           config.image_copy, deadline, holder=owner_pid)
+                          config.image_copy, deadline, holder=owner_pid)
     return mounted.path if isinstance(mounted, Shared) else None
 
 
@@ -192,14 +204,13 @@ def mount_fresh_for_shell(env, owner_pid: int, deadline: float | None = None) ->
     sidecar alone (:func:`mount_fresh_image`), before the tarball is
     opened: the mount's path; a line already said (extract instead); or
     None (the tarball's path decides)."""
-    from . import shellimage
-
-    config = shellimage.site()
-    if config is None:
-        return None
-    folder = shellimage.own_folder(config.staging_dir)
-    if isinstance(folder, str):
-        return None  # mount_for_shell says why, if the tarball's path gets there
+    where = _shell_folder()
+    if isinstance(where, str):  # said here, in the order the tarball's path would
+        announce(env)
+        output.warn(where)
+    if not isinstance(where, tuple):
+        return where
+    config, folder = where
     mounted = mount_fresh_image(env, folder, env.name, config.image_copy, deadline,
                                 holder=owner_pid)
     return mounted.path if isinstance(mounted, Shared) else mounted
